@@ -1,0 +1,1 @@
+"""prunec's backends (installed as ``prunec.backends``): torch and TVM."""

@@ -1,0 +1,1 @@
+"""prunec's built-in passes, one module per pass (installed as ``prunec.passes``)."""

@@ -1,0 +1,257 @@
+"""Frontend: load a model from any supported spec and trace it into prunec's IR.
+
+Tracing goes through ``torch.export`` and then ``run_decompositions({})``,
+which functionalizes the graph (no in-place ops) without decomposing any op,
+so the IR keeps high-level ATen ops (conv2d, linear, layer_norm, sdpa).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import UsageError
+from .ir import Graph, Node, Value
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "i64": torch.int64, "long": torch.int64,
+    "int32": torch.int32, "i32": torch.int32, "bool": torch.bool,
+}
+
+
+@dataclass
+class LoadedModel:
+    """What a spec resolves to: a module (or only a program) and its example inputs."""
+
+    module: torch.nn.Module | None
+    program: torch.export.ExportedProgram | None
+    example_inputs: tuple | None
+    source: str
+
+
+def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """``1,3,224,224`` or ``1,128:int64`` -> (shape, dtype)."""
+    shape_txt, _, dtype_txt = text.partition(":")
+    try:
+        shape = tuple(int(s) for s in shape_txt.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: expected comma-separated integers "
+                         f"such as 1,3,224,224 (optionally :int64)") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape {text!r}: every dimension must be a positive integer")
+    dtype_txt = dtype_txt.strip() or "float32"
+    if dtype_txt not in _DTYPE_NAMES:
+        raise UsageError(f"--input-shape {text!r}: unknown dtype {dtype_txt!r}; "
+                         f"use one of {', '.join(sorted(_DTYPE_NAMES))}")
+    return shape, _DTYPE_NAMES[dtype_txt]
+
+
+def make_inputs(shapes: Sequence[str], seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for text in shapes:
+        shape, dtype = parse_input_shape(text)
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        elif dtype == torch.bool:
+            out.append(torch.ones(shape, dtype=torch.bool))
+        else:  # token ids: small non-negative integers fit every vocabulary
+            out.append(torch.randint(0, 100, shape, generator=gen, dtype=dtype))
+    return tuple(out)
+
+
+def _zoo_model(kind: str, name: str) -> torch.nn.Module:
+    if kind == "torchvision":
+        try:
+            import torchvision
+        except ImportError:
+            raise UsageError(f"'{kind}:{name}' needs torchvision: pip install torchvision") from None
+        try:
+            return torchvision.models.get_model(name, weights=None)
+        except (ValueError, KeyError):
+            raise UsageError(f"'{kind}:{name}': torchvision has no model named {name!r}; "
+                             f"see torchvision.models.list_models()") from None
+    try:
+        import timm
+    except ImportError:
+        raise UsageError(f"'{kind}:{name}' needs timm: pip install timm") from None
+    if name not in timm.list_models():
+        raise UsageError(f"'{kind}:{name}': timm has no model named {name!r}; see timm.list_models()")
+    return timm.create_model(name, pretrained=False)
+
+
+def load_model(spec: Any, *, trust_pickle: bool = False) -> LoadedModel:
+    """Resolve a model spec: an nn.Module, a ``.pt2`` file, a pickled ``.pt`` file
+    (only with ``trust_pickle``), ``torchvision:NAME`` / ``timm:NAME`` (random init),
+    or ``package.module:factory``."""
+    if isinstance(spec, torch.nn.Module):
+        return LoadedModel(spec, None, None, type(spec).__name__)
+    if isinstance(spec, torch.export.ExportedProgram):
+        return LoadedModel(None, spec, _program_inputs(spec), "ExportedProgram")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise UsageError(f"cannot load a model from {type(spec).__name__}; pass an nn.Module or a spec string")
+    spec = os.fspath(spec)
+    if spec.endswith(".pt2"):
+        if not os.path.isfile(spec):
+            raise UsageError(f"{spec}: no such file")
+        try:
+            ep = torch.export.load(spec)
+        except Exception as e:
+            raise UsageError(f"{spec}: not a torch.export program ({type(e).__name__}); "
+                             f"write one with torch.export.save") from None
+        return LoadedModel(None, ep, _program_inputs(ep), spec)
+    if spec.endswith((".pt", ".pth")) or os.path.sep in spec or os.path.isfile(spec):
+        return _load_pickle(spec, trust_pickle)
+    kind, sep, name = spec.partition(":")
+    if sep and kind in ("torchvision", "timm"):
+        return LoadedModel(_zoo_model(kind, name), None, None, spec)
+    if sep and name:
+        try:
+            mod = importlib.import_module(kind)
+        except ImportError as e:
+            raise UsageError(f"{spec}: cannot import module {kind!r} ({e})") from None
+        factory = getattr(mod, name, None)
+        if factory is None:
+            raise UsageError(f"{spec}: module {kind!r} has no attribute {name!r}")
+        model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"{spec}: the factory returned {type(model).__name__}, not an nn.Module")
+        return LoadedModel(model, None, None, spec)
+    raise UsageError(f"{spec!r}: not a model spec; use a .pt2/.pt file, torchvision:NAME, "
+                     f"timm:NAME or package.module:factory")
+
+
+def _load_pickle(path: str, trust: bool) -> LoadedModel:
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    if not trust:
+        raise UsageError(f"{path}: loading a pickled module runs code from the file; "
+                         f"pass --trust-pickle if you trust it, or save a .pt2 with torch.export.save")
+    try:
+        obj = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:
+        raise UsageError(f"{path}: not a torch file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(obj, torch.export.ExportedProgram):
+        return LoadedModel(None, obj, _program_inputs(obj), path)
+    if not isinstance(obj, torch.nn.Module):
+        raise UsageError(f"{path}: holds a {type(obj).__name__}, not a whole pickled nn.Module "
+                         f"(a state_dict needs the architecture: use package.module:factory)")
+    return LoadedModel(obj, None, None, path)
+
+
+def _program_inputs(ep: torch.export.ExportedProgram) -> tuple | None:
+    ex = getattr(ep, "example_inputs", None)
+    if not ex:
+        return None
+    args, kwargs = ex
+    return tuple(args) if not kwargs else None
+
+
+# ---- tracing -----------------------------------------------------------------
+
+def export_module(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    module.eval()
+    try:
+        ep = torch.export.export(module, tuple(example_inputs), strict=False)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        shapes = ", ".join(str(list(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
+        raise UsageError(f"{type(module).__name__} cannot be traced with inputs of shape {shapes}: "
+                         f"{first}; check --input-shape") from None
+    return ep
+
+
+def trace(module_or_program, example_inputs: tuple | None = None) -> Graph:
+    if isinstance(module_or_program, torch.export.ExportedProgram):
+        ep = module_or_program
+    else:
+        ep = export_module(module_or_program, example_inputs)
+    ep = ep.run_decompositions({})
+    graph = from_exported_program(ep)
+    # Fake-tensor and meta shape functions disagree on a few unused side outputs
+    # (batch norm's saved statistics); the verifier uses meta, so start from it.
+    from .shapes import propagate
+    propagate(graph)
+    return graph
+
+
+def from_exported_program(ep: torch.export.ExportedProgram) -> Graph:
+    sig = ep.graph_signature
+    env: dict[fx.Node, Any] = {}
+    inputs: list[Value] = []
+    input_names: list[str] = []
+    consts: dict[str, Value] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    for fxn, spec in zip(placeholders, sig.input_specs):
+        val = fxn.meta.get("val")
+        if spec.kind == InputKind.USER_INPUT:
+            if not isinstance(val, torch.Tensor):
+                raise UsageError(f"input {fxn.name} is not a tensor; prunec traces tensor inputs only")
+            v = Value(fxn.name, val.shape, val.dtype, kind="input")
+            inputs.append(v)
+            input_names.append(fxn.name)
+        else:
+            kind = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}.get(spec.kind, "constant")
+            name = spec.target
+            t = ep.state_dict.get(name) if name in ep.state_dict else ep.constants[name]
+            t = t.detach()
+            if isinstance(t, torch.nn.Parameter):
+                t = t.data
+            v = Value(name, t.shape, t.dtype, kind=kind)
+            consts[name] = v
+            tensors[name] = t
+        env[fxn] = v
+
+    nodes: list[Node] = []
+    for fxn in ep.graph.nodes:
+        if fxn.op != "call_function":
+            continue
+        if fxn.target is _getitem:
+            src, idx = fxn.args
+            env[fxn] = env[src][idx]
+            continue
+        val = fxn.meta.get("val")
+        multi = isinstance(val, (list, tuple))
+        vals = list(val) if multi else ([] if val is None else [val])
+        outs = []
+        for i, t in enumerate(vals):
+            name = fxn.name if not multi else f"{fxn.name}_{i}"
+            if isinstance(t, torch.Tensor):
+                outs.append(Value(name, t.shape, t.dtype))
+            else:
+                outs.append(Value(name, (), torch.float32, kind="activation"))
+        multi = multi or val is None
+        node = Node(fxn.name, fxn.target, _map(fxn.args, env), _map(fxn.kwargs, env), outs, multi,
+                    {"stack": fxn.meta.get("nn_module_stack")})
+        nodes.append(node)
+        env[fxn] = outs if multi else outs[0]
+
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outputs = []
+    for a, spec in zip(out_node.args[0], sig.output_specs):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            outputs.append(env[a])
+    out_spec = ep.call_spec.out_spec if ep.call_spec else None
+    return Graph(inputs, nodes, outputs, consts, tensors, out_spec, input_names)
+
+
+_getitem = __import__("operator").getitem
+
+
+def _map(a, env):
+    if isinstance(a, fx.Node):
+        return env[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_map(x, env) for x in a)
+    if isinstance(a, dict):
+        return {k: _map(v, env) for k, v in a.items()}
+    return a
