@@ -1,5 +1,6 @@
 """prunec: a pruning compiler for PyTorch models."""
 from .analysis import Analysis, AnalysisManager
+from .artifact import load_compressed, save_compressed
 from .driver import CompileResult, compile
 from .errors import IRError, PassFailure, PipelineError, PrunecError, UsageError
 from .frontend import load_model, make_inputs, trace
@@ -15,5 +16,5 @@ __all__ = [
     "Analysis", "AnalysisManager", "CompileResult", "compile", "IRError", "PassFailure", "PipelineError",
     "PrunecError", "UsageError", "load_model", "make_inputs", "trace", "Graph", "Node", "Value", "interpret",
     "parse_pipeline", "print_graph", "Option", "Pass", "PassResult", "register_pass", "register_pipeline",
-    "verify", "__version__",
+    "verify", "__version__", "load_compressed", "save_compressed",
 ]

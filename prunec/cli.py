@@ -88,9 +88,11 @@ def _human(n: float) -> str:
 def _table(report: dict) -> str:
     b, a, r = report["before"], report["after"], report["ratios"]
     lines = [f"{'':10}{'before':>12}{'after':>12}{'ratio':>9}"]
-    for key, label in (("params", "params"), ("flops", "FLOPs"), ("bytes", "bytes")):
+    for key, label in (("params", "params"), ("flops", "FLOPs"), ("bytes", "stored")):
         ratio = f"{r[key]:.2f}x" if r[key] else "-"
         lines.append(f"{label:10}{_human(b[key]):>12}{_human(a[key]):>12}{ratio:>9}")
+    if r["bytes"]:
+        lines.append(f"compression ratio {r['bytes']:.2f}x (bytes as stored: values, indices and codebooks)")
     lines.append("")
     lines.append(f"{'pass':<40}{'time':>9}  changed")
     for p in report["passes"]:
@@ -128,9 +130,8 @@ def cmd_compile(args) -> int:
         write_torch_outputs(result, tmp)
         if result.artifact is not None:
             result.artifact.save(tmp, result)
-        if result.graph.annotations:
-            from .artifact import save_compressed
-            save_compressed(result.graph, tmp)
+        from .artifact import save_compressed  # always: the compact, pickle-free weights
+        save_compressed(result.graph, tmp, result.example_inputs)
         if args.plan_out:
             plan = result.plan or {"version": 1, "params": {}}
             ptmp = args.plan_out + ".tmp"

@@ -32,12 +32,20 @@ class CompileContext:
 class CompileResult:
     graph: Graph
     module: torch.nn.Module | None
-    program: Any
+    _program: Any
     report: dict
     plan: dict | None
     example_inputs: tuple
     module_problems: list[str] = field(default_factory=list)
     artifact: Any = None  # backend-specific (e.g. the TVM build)
+
+    @property
+    def program(self) -> torch.export.ExportedProgram:
+        """The compacted model as a ``torch.export`` program (exported on first use)."""
+        if self._program is None:
+            from prunec.backends import torch_backend
+            self._program = torch_backend.export_program(self.graph, self.example_inputs)
+        return self._program
 
     def __call__(self, *inputs):
         from .ir import unflatten_outputs
@@ -74,7 +82,7 @@ def prepare(model: Any, example_inputs: Sequence | None = None, input_shapes: Se
 def compile(model: Any, example_inputs: Sequence | None = None, passes: str = "", target: str = "torch", *,
             input_shapes: Sequence[str] = (), trust_pickle: bool = False, verify_each: bool = True,
             instrumentations: Sequence[Instrumentation] = (), dump_dir: str | None = None,
-            in_place: bool = True, export: bool = True, target_options: dict | None = None) -> CompileResult:
+            in_place: bool = True, target_options: dict | None = None) -> CompileResult:
     """Compile ``model`` through the pipeline ``passes`` for ``target``.
 
     ``.module`` is the user's module updated in place (None if that is impossible;
@@ -87,15 +95,17 @@ def compile(model: Any, example_inputs: Sequence | None = None, passes: str = ""
     graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs)
     return compile_graph(graph, inputs, passes, target, module=loaded.module if in_place else None,
                          source=loaded.source, verify_each=verify_each, instrumentations=instrumentations,
-                         dump_dir=dump_dir, export=export, target_options=target_options)
+                         dump_dir=dump_dir, target_options=target_options)
 
 
 def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str = "torch", *,
                   module: torch.nn.Module | None = None, source: str = "graph", verify_each: bool = True,
                   instrumentations: Sequence[Instrumentation] = (), dump_dir: str | None = None,
-                  export: bool = True, target_options: dict | None = None) -> CompileResult:
+                  target_options: dict | None = None) -> CompileResult:
     from prunec.backends import torch_backend
+    from .artifact import layer_sizes, layers_report
     before = compute_cost(graph)
+    before_layers = layer_sizes(graph)
     insts = list(instrumentations)
     if dump_dir:
         from .passmanager import DumpDir
@@ -105,25 +115,21 @@ def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str = "
     am = AnalysisManager(graph)
     records = pm.run(graph, am, CompileContext(inputs, module))
     after = compute_cost(graph)
-    program = torch_backend.export_program(graph, inputs) if export else None
+    program = None  # exported lazily by CompileResult.program
     problems: list[str] = []
     out_module = None
     if module is not None:
         upd = torch_backend.apply_to_module(module, graph, inputs)
         problems = upd.problems
         out_module = module if upd.ok else None
-    plan = getattr(am, "plan", None) or graph_plan(graph)
+    plan = am.plan_tracker.plan() if getattr(am, "plan_tracker", None) else None
     report = make_report(source, passes, target, before, after, records, problems)
+    report["layers"] = layers_report(before_layers, layer_sizes(graph))  # stored bytes per layer
     result = CompileResult(graph, out_module, program, report, plan, inputs, problems)
     if target in ("llvm", "cuda") or (target not in TARGETS):
         from prunec.backends import tvm_backend
         result.artifact = tvm_backend.build(graph, inputs, target, **(target_options or {}))
     return result
-
-
-def graph_plan(graph: Graph) -> dict | None:
-    plan = graph.annotations.get("__plan__")
-    return plan.get("plan") if plan else None
 
 
 def make_report(source, passes, target, before, after, records: list[PassRecord], problems) -> dict:

@@ -159,6 +159,9 @@ def _program_inputs(ep: torch.export.ExportedProgram) -> tuple | None:
 
 def export_module(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     module.eval()
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "use_cache", False):  # Hugging Face: a KV cache object is not a traceable output
+        cfg.use_cache = False
     try:
         ep = torch.export.export(module, tuple(example_inputs), strict=False)
     except Exception as e:

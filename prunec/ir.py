@@ -232,6 +232,8 @@ def call_node(node: Node, env: dict[Value, Any]) -> Any:
 
 
 def bind_results(node: Node, result: Any, env: dict[Value, Any]) -> None:
+    if not node.outputs:  # ops run for their checks only (asserts)
+        return
     if node.multi:
         for v, r in zip(node.outputs, result):
             env[v] = r

@@ -17,8 +17,24 @@ def _meta(v: Value) -> torch.Tensor:
     return torch.empty(v.shape, dtype=v.dtype, device="meta")
 
 
+_META = torch.device("meta")
+
+
 def infer_node(node: Node, env: dict[Value, Any]) -> Any:
+    for v in node.inputs():
+        if v not in env:
+            raise IRError(f"node %{node.name} ({node.op}) uses {v!r} before it is defined", node=node.name)
     try:
+        if node.op in ("view", "_unsafe_view"):
+            # Meta kernels do not always reproduce real output strides (sdpa's
+            # output), so a legal view can look illegal here; shapes are identical.
+            x = env[node.args[0]]
+            return torch.ops.aten.reshape.default(x, node.args[1])
+        if "device" in node.kwargs:  # factory ops (arange, zeros): build them on meta too
+            kwargs = {**node.kwargs, "device": _META}
+            lookup = lambda v: env[v]  # noqa: E731
+            from .ir import map_values
+            return node.target(*map_values(node.args, lookup), **map_values(kwargs, lookup))
         return call_node(node, env)
     except Exception as e:  # the op rejects its operands: a broken IR
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

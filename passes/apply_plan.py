@@ -1,0 +1,73 @@
+"""apply-plan: replay a pruning plan (JSON) on a fresh copy of the same architecture.
+
+The plan lists, per parameter or buffer, the removed indices along each
+dimension.  Replaying it removes the same units; a plan that removes only part
+of a coupled unit, or names a tensor or index the model lacks, is rejected
+(it was made for another architecture).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from prunec.compaction import compact, tracker
+from prunec.dependency import ChannelGroups
+from prunec.errors import UsageError
+from prunec.registry import Option, PassResult, register_pass
+
+
+def load_plan(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"apply-plan: plan file {path} does not exist")
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"apply-plan: {path} is not valid JSON ({e})") from None
+    if not isinstance(plan, dict) or plan.get("version") != 1 or not isinstance(plan.get("params"), dict):
+        raise UsageError(f"apply-plan: {path} is not a prunec plan (expected {{\"version\": 1, \"params\": {{...}}}})")
+    return plan
+
+
+def plan_units(graph, cg, plan: dict, path: str = "plan") -> np.ndarray:
+    removed = np.zeros(len(cg.unit_pinned), dtype=bool)
+    wanted: dict[int, set] = {}
+    for name, dims in plan["params"].items():
+        if name not in graph.consts:
+            raise UsageError(f"apply-plan: {path} names {name}, which this model does not have")
+        v = graph.consts[name]
+        for d_txt, idx in dims.items():
+            d = int(d_txt)
+            if d >= len(v.shape) or (idx and max(idx) >= v.shape[d]):
+                raise UsageError(f"apply-plan: {path}: {name} dim {d} has size "
+                                 f"{v.shape[d] if d < len(v.shape) else 'none'}; the plan was made for another model")
+            s = cg.slot_of(v, d)
+            wanted[s] = set(idx)
+            removed[cg.slot_labels(s)[np.asarray(idx, dtype=np.int64)]] = True
+    if (removed & cg.unit_pinned).any():
+        raise UsageError(f"apply-plan: {path} removes channels this model pins (graph inputs/outputs or barriers)")
+    # every const slice of a removed unit must be in the plan
+    for s, (v, d) in enumerate(cg.slots):
+        if not v.is_const:
+            continue
+        hit = np.nonzero(removed[cg.slot_labels(s)])[0]
+        if len(hit) and set(hit.tolist()) != wanted.get(s, set()):
+            raise UsageError(f"apply-plan: {path} removes channels coupled to {v.name} dim {d} but not those "
+                             f"slices; the plan does not match this architecture")
+    return removed
+
+
+@register_pass("apply-plan", summary="Replay a pruning plan (JSON from --plan-out) on the same architecture.",
+               options={"file": Option(str, "plan.json", "path of the plan JSON")})
+def apply_plan(graph, am, file):
+    plan = load_plan(file)
+    cg = am.get(ChannelGroups)
+    units = plan_units(graph, cg, plan, file)
+    if not units.any():
+        return PassResult(False, {"units-removed": 0})
+    sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}
+    removed = compact(graph, cg, units)
+    tracker(am).record(graph, removed, sizes)
+    return PassResult(True, {"units-removed": int(units.sum()), "params-sliced": len(removed)})

@@ -1,0 +1,245 @@
+"""Dependency analysis: which channels must be removed together.
+
+Every dimension of every tensor is a *slot*; every index along it an *element*.
+Each op's channel rule (prunec/channel_rules.py) says which elements of its
+operands and results are the same channel (``same``/``link``), which may not
+be removed (``pin``), and which feed a channel statistic (``stat``: removing
+them changes a mean or a norm).  Connected elements form *units*: the smallest
+sets that can be removed without breaking a shape or the math.  Connected slots
+form *groups* (what ``prunec inspect`` shows).  A unit is prunable if it holds
+at least one parameter slice and no pinned element.
+
+Closed world: an op without a rule is a barrier.  Every operand and result
+dimension of it is pinned and the report names the op and node.  The same holds
+for any dimension a rule does not mention.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+from .analysis import Analysis
+from .ir import Graph, Node, Value
+
+
+@dataclass
+class Barrier:
+    node: str
+    op: str
+    why: str
+
+
+class RuleContext:
+    """What a channel rule sees: the node and union/pin operations on its operands."""
+
+    def __init__(self, builder: "_Builder", node: Node):
+        self.b = builder
+        self.node = node
+        self.covered: set[tuple[int, int]] = set()
+
+    def _slot(self, v: Value, d: int) -> int:
+        d = d % len(v.shape)
+        self.covered.add((id(v), d))
+        return self.b.slot_id[(id(v), d)]
+
+    def same(self, a: Value, da: int, b: Value, db: int) -> None:
+        """Element i of ``a`` along ``da`` is element i of ``b`` along ``db``."""
+        sa, sb = self._slot(a, da), self._slot(b, db)
+        if self.b.size[sa] != self.b.size[sb]:
+            self.b.pin_slot(sa, f"%{self.node.name}: sizes differ")
+            self.b.pin_slot(sb, f"%{self.node.name}: sizes differ")
+            return
+        n = self.b.size[sa]
+        self.b.add_pairs(sa, np.arange(n), sb, np.arange(n))
+
+    def link(self, a: Value, da: int, ia, b: Value, db: int, ib) -> None:
+        """Element ``ia[k]`` of ``a`` along ``da`` is element ``ib[k]`` of ``b`` along ``db``."""
+        sa, sb = self._slot(a, da), self._slot(b, db)
+        self.b.add_pairs(sa, np.asarray(ia, dtype=np.int64), sb, np.asarray(ib, dtype=np.int64))
+
+    def cover(self, v: Value, d: int) -> None:
+        """The rule handled this dimension without coupling it (e.g. a broadcast)."""
+        self._slot(v, d)
+
+    def pin(self, v: Value, d: int, why: str) -> None:
+        self.b.pin_slot(self._slot(v, d), f"%{self.node.name} ({self.node.op}): {why}")
+
+    def pin_elements(self, v: Value, d: int, idx, why: str) -> None:
+        s = self._slot(v, d)
+        self.b.pinned[self.b.offset[s] + np.asarray(idx, dtype=np.int64)] = True
+        self.b.pin_reason.setdefault(s, f"%{self.node.name} ({self.node.op}): {why}")
+
+    def stat(self, v: Value, d: int) -> None:
+        s = self._slot(v, d)
+        self.b.stat[self.b.offset[s]:self.b.offset[s] + self.b.size[s]] = True
+
+    def barrier(self, why: str) -> None:
+        self.b.barriers.append(Barrier(self.node.name, self.node.op, why))
+        for v in tensors_of(self.node):
+            for d in range(len(v.shape)):
+                self.pin(v, d, why)
+
+
+def tensors_of(node: Node) -> list[Value]:
+    seen, out = set(), []
+    for v in node.inputs() + list(node.outputs):
+        if id(v) not in seen and v.shape is not None:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+class _Builder:
+    def __init__(self, graph: Graph):
+        self.graph_tensors = graph.tensors
+        self.slots: list[tuple[Value, int]] = []
+        self.slot_id: dict[tuple[int, int], int] = {}
+        for v in graph.values():
+            for d in range(len(v.shape)):
+                self.slot_id[(id(v), d)] = len(self.slots)
+                self.slots.append((v, d))
+        self.size = np.array([v.shape[d] for v, d in self.slots], dtype=np.int64)
+        self.offset = np.concatenate([[0], np.cumsum(self.size)[:-1]]).astype(np.int64) if self.slots else np.zeros(0, np.int64)
+        self.n = int(self.size.sum())
+        self.pinned = np.zeros(self.n, dtype=bool)
+        self.stat = np.zeros(self.n, dtype=bool)
+        self.pin_reason: dict[int, str] = {}
+        self.pairs_a: list[np.ndarray] = []
+        self.pairs_b: list[np.ndarray] = []
+        self.slot_graph = nx.Graph()
+        self.slot_graph.add_nodes_from(range(len(self.slots)))
+        self.barriers: list[Barrier] = []
+
+    def add_pairs(self, sa: int, ia: np.ndarray, sb: int, ib: np.ndarray) -> None:
+        if len(ia) == 0:
+            return
+        if ia.max() >= self.size[sa] or ib.max() >= self.size[sb]:
+            raise IndexError("channel rule linked an element outside its dimension")
+        self.pairs_a.append(self.offset[sa] + ia)
+        self.pairs_b.append(self.offset[sb] + ib)
+        if sa != sb:
+            self.slot_graph.add_edge(sa, sb)
+
+    def pin_slot(self, s: int, why: str) -> None:
+        self.pinned[self.offset[s]:self.offset[s] + self.size[s]] = True
+        self.pin_reason.setdefault(s, why)
+
+
+@dataclass
+class Group:
+    """Slots that share channels, and the removable units inside them."""
+
+    id: int
+    slots: list[int]
+    units: list[int]                 # component labels of the units in this group
+    prunable: list[int]              # the subset that may be removed
+    param_slots: list[int]
+    pinned_by: list[str] = field(default_factory=list)
+    stat: bool = False
+
+
+@dataclass
+class ChannelGraph:
+    graph: Graph
+    slots: list[tuple[Value, int]]
+    slot_id: dict
+    size: np.ndarray
+    offset: np.ndarray
+    labels: np.ndarray               # element -> unit label
+    unit_pinned: np.ndarray
+    unit_stat: np.ndarray
+    unit_has_param: np.ndarray
+    groups: list[Group]
+    barriers: list[Barrier]
+    pin_reason: dict[int, str]
+
+    def slot_labels(self, s: int) -> np.ndarray:
+        return self.labels[self.offset[s]:self.offset[s] + self.size[s]]
+
+    def slot_of(self, v: Value, d: int) -> int:
+        return self.slot_id[(id(v), d % len(v.shape))]
+
+    def slot_name(self, s: int) -> str:
+        v, d = self.slots[s]
+        return f"{v!r}[{d}]"
+
+
+def build(graph: Graph, pins: list[str] = ()) -> ChannelGraph:
+    from .channel_rules import apply_rule
+    b = _Builder(graph)
+    for v in list(graph.inputs) + list(graph.outputs):
+        for d in range(len(v.shape)):
+            b.pin_slot(b.slot_id[(id(v), d)], f"{v!r} is a graph {'input' if v in graph.inputs else 'output'}")
+    for name, v in graph.consts.items():
+        if any(fnmatch.fnmatchcase(name, p) for p in pins):
+            for d in range(len(v.shape)):
+                b.pin_slot(b.slot_id[(id(v), d)], f"{name} matches an ignore pattern")
+    for n in graph.nodes:
+        ctx = RuleContext(b, n)
+        apply_rule(ctx, n)
+        for v in tensors_of(n):  # closed world: a dimension the rule did not mention is pinned
+            for d in range(len(v.shape)):
+                if (id(v), d) not in ctx.covered:
+                    ctx.pin(v, d, f"the rule for {n.op} does not define dimension {d}")
+    if b.pairs_a:
+        a = np.concatenate(b.pairs_a)
+        c = np.concatenate(b.pairs_b)
+    else:
+        a = c = np.zeros(0, dtype=np.int64)
+    adj = sp.coo_matrix((np.ones(len(a), dtype=np.int8), (a, c)), shape=(b.n, b.n))
+    n_units, labels = connected_components(adj, directed=False)
+    pinned = np.zeros(n_units, dtype=bool)
+    np.logical_or.at(pinned, labels, b.pinned)
+    stat = np.zeros(n_units, dtype=bool)
+    np.logical_or.at(stat, labels, b.stat)
+    has_param = np.zeros(n_units, dtype=bool)
+    for s, (v, d) in enumerate(b.slots):
+        if v.kind == "parameter":
+            has_param[labels[b.offset[s]:b.offset[s] + b.size[s]]] = True
+    cg = ChannelGraph(graph, b.slots, b.slot_id, b.size, b.offset, labels, pinned, stat, has_param,
+                      [], b.barriers, b.pin_reason)
+    cg.groups = _groups(cg, b.slot_graph)
+    return cg
+
+
+def _groups(cg: ChannelGraph, slot_graph: nx.Graph) -> list[Group]:
+    groups = []
+    for comp in nx.connected_components(slot_graph):
+        slots = sorted(comp)
+        params = [s for s in slots if cg.slots[s][0].kind == "parameter"]
+        if not params:
+            continue
+        units = np.unique(np.concatenate([cg.slot_labels(s) for s in slots]))
+        ok = units[~cg.unit_pinned[units] & cg.unit_has_param[units]]
+        why = sorted({cg.pin_reason[s] for s in slots if s in cg.pin_reason})
+        groups.append(Group(len(groups), slots, units.tolist(), ok.tolist(), params, why,
+                            bool(cg.unit_stat[units].any())))
+    return groups
+
+
+class ChannelGroups(Analysis):
+    """The channel dependency graph of the IR (cached by the analysis manager)."""
+
+    name = "channel-groups"
+
+    @classmethod
+    def run(cls, graph, am):
+        pins = getattr(am, "pins", ()) if am is not None else ()
+        return build(graph, pins)
+
+
+def groups_summary(cg: ChannelGraph) -> dict:
+    groups = []
+    for g in cg.groups:
+        members = [cg.slot_name(s) for s in g.param_slots]
+        channels = max(int(cg.size[s]) for s in g.param_slots)
+        groups.append({"id": g.id, "channels": channels, "units": len(g.units),
+                       "prunable": len(g.prunable), "members": members,
+                       "statistics": g.stat, "pinned": g.pinned_by[:3]})
+    return {"groups": groups,
+            "barriers": [{"node": b.node, "op": b.op, "why": b.why} for b in cg.barriers]}
