@@ -133,12 +133,8 @@ def sync_attributes(module: torch.nn.Module, graph: Graph) -> None:
             m.num_channels = w.shape[0]
         elif isinstance(m, torch.nn.Embedding):
             m.num_embeddings, m.embedding_dim = w.shape
-    for edit in graph_attribute_hooks:
-        edit(module, graph)
-
-
-# Extra attribute fixers (e.g. attention head counts) registered by passes.
-graph_attribute_hooks: list = []
+    from .attention_attributes import sync_attention
+    sync_attention(module)
 
 
 def apply_to_module(module: torch.nn.Module, graph: Graph, example_inputs: tuple,
@@ -156,6 +152,8 @@ def apply_to_module(module: torch.nn.Module, graph: Graph, example_inputs: tuple
     for name, v in graph.consts.items():
         t = graph.tensors[name]
         cur = _lookup(module, name)
+        if cur is None and v.kind == "constant":
+            continue  # a tensor literal of the forward code (lifted by export), not module state
         if cur is None:
             problems.append(f"{name}: the IR has this {v.kind} but the module has no such attribute")
             continue

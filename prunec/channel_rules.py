@@ -145,6 +145,9 @@ def reduce(ctx, n: Node) -> None:
     if not _t(x):
         return
     dims = n.arg(1, "dim", None)
+    if isinstance(dims, Value):  # max.other / min.other: element-wise
+        elementwise(ctx, n)
+        return
     if n.op in ("var", "std") and dims is None:
         dims = n.kwargs.get("dim")
     if n.op in ("linalg_vector_norm", "norm") and len(n.args) > 2:

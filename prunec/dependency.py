@@ -175,7 +175,11 @@ def build(graph: Graph, pins: list[str] = ()) -> ChannelGraph:
     for v in list(graph.inputs) + list(graph.outputs):
         for d in range(len(v.shape)):
             b.pin_slot(b.slot_id[(id(v), d)], f"{v!r} is a graph {'input' if v in graph.inputs else 'output'}")
+    read = {id(v) for n in graph.nodes for v in n.inputs()}
     for name, v in graph.consts.items():
+        if id(v) not in read:  # unused (often a tied twin of a used weight): leave it alone
+            for d in range(len(v.shape)):
+                b.pin_slot(b.slot_id[(id(v), d)], f"{name} is not read by any op")
         if any(fnmatch.fnmatchcase(name, p) for p in pins):
             for d in range(len(v.shape)):
                 b.pin_slot(b.slot_id[(id(v), d)], f"{name} matches an ignore pattern")

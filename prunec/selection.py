@@ -44,6 +44,9 @@ class CompressionPass(Pass):
 
 
 def layer_name(weight_name: str) -> str:
+    """``fc.weight`` -> ``fc``; the root module's own ``weight`` -> ``""``."""
+    if weight_name == "weight":
+        return ""
     return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
 
 

@@ -25,7 +25,7 @@ def infer_node(node: Node, env: dict[Value, Any]) -> Any:
         if v not in env:
             raise IRError(f"node %{node.name} ({node.op}) uses {v!r} before it is defined", node=node.name)
     try:
-        if node.op in ("view", "_unsafe_view"):
+        if node.op in ("view", "_unsafe_view") and isinstance(node.args[1], (list, tuple)):  # not view.dtype
             # Meta kernels do not always reproduce real output strides (sdpa's
             # output), so a legal view can look illegal here; shapes are identical.
             x = env[node.args[0]]
