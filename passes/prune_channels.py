@@ -33,6 +33,8 @@ OPTIONS = {
     "ignore": Option(list, [], "parameter-name patterns whose channels are never pruned, e.g. [fc.*,head.*]"),
     "heads": Option(bool, True, "prune whole attention heads"),
     "seed": Option(int, 0, "seed for criterion=random"),
+    "exact": Option(bool, False, "only prune groups where compaction provably equals masking (skip groups "
+                    "whose channels feed a layer/RMS norm, softmax or mean over the channel dimension)"),
 }
 
 
@@ -171,10 +173,12 @@ def select_units(graph, cg, scores, ratio, scope, round_to, min_units, skip_grou
 
 @register_pass("prune-channels", summary="Remove whole channels, neurons and attention heads "
                "(dependency-aware structured pruning).", options=OPTIONS)
-def prune_channels(graph, am, ratio, criterion, scope, round_to, min_channels, ignore, heads, seed):
+def prune_channels(graph, am, ratio, criterion, scope, round_to, min_channels, ignore, heads, seed, exact):
     cg = build(graph, pins=ignore) if ignore else am.get(ChannelGroups)
     scores = unit_scores(graph, cg, criterion, am, seed)
     skip = set() if heads else _head_groups(graph, cg)
+    if exact:
+        skip |= {g.id for g in cg.groups if g.stat}
     removed_units = select_units(graph, cg, scores, ratio, scope, round_to, min_channels, skip)
     if not removed_units.any():
         return PassResult(False, {"units-removed": 0, "groups-pruned": 0})

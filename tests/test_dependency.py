@@ -1,0 +1,216 @@
+"""Channel rules, one coupling per tiny model: the units found, and the pruned model's exactness."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prunec
+from prunec.dependency import build
+from prunec.oracle import masked_copy, max_rel_error
+
+
+def units_of(graph, cg, param, dim):
+    """For each unit along ``param``'s ``dim``: the sorted indices of that dim in it."""
+    s = cg.slot_of(graph.consts[param], dim)
+    labels = cg.slot_labels(s)
+    return {int(l): sorted(np.nonzero(labels == l)[0].tolist()) for l in np.unique(labels)}
+
+
+def members(graph, cg, unit, param, dim):
+    s = cg.slot_of(graph.consts[param], dim)
+    return sorted(np.nonzero(cg.slot_labels(s) == unit)[0].tolist())
+
+
+def prune_and_check(model, x, passes="prune-channels{ratio=0.5}"):
+    original = copy.deepcopy(model).eval()
+    res = prunec.compile(model.eval(), (x,), passes=passes)
+    assert res.plan["params"], "nothing was pruned"
+    with torch.no_grad():
+        err = max_rel_error(res(x), masked_copy(original, res.plan)(x))
+        assert err <= 1e-5, err
+        assert res.module is not None, res.module_problems
+        assert max_rel_error(res.module(x), res(x)) <= 1e-6
+    return res
+
+
+class ConcatTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return self.b(torch.cat([y, y], 1))
+
+
+def test_concat_of_the_same_tensor_twice():
+    m, x = ConcatTwice(), torch.randn(1, 3, 6, 6)
+    g = prunec.trace(m, (x,))
+    cg = build(g)
+    for unit, idx in units_of(g, cg, "a.weight", 0).items():
+        (c,) = idx
+        assert members(g, cg, unit, "b.weight", 1) == [c, c + 4]
+    res = prune_and_check(m, x)
+    assert res.module.a.out_channels == 2 and res.module.b.in_channels == 4
+
+
+class SplitAdd(nn.Module):
+    def __init__(self, hard_coded=False):
+        super().__init__()
+        self.hard_coded = hard_coded
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = torch.split(y, 4, dim=1) if self.hard_coded else torch.chunk(y, 2, dim=1)
+        return self.b(p + q)
+
+
+def test_split_then_add_couples_both_halves():
+    m, x = SplitAdd(), torch.randn(1, 3, 5, 5)
+    g = prunec.trace(m, (x,))
+    cg = build(g)
+    units = units_of(g, cg, "a.weight", 0)
+    assert sorted(units.values()) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    res = prune_and_check(m, x)
+    assert res.module.a.out_channels == 4 and res.module.b.in_channels == 2
+
+
+def test_module_code_that_hard_codes_a_shape_is_named_and_the_program_stays_exact():
+    m, x = SplitAdd(hard_coded=True), torch.randn(1, 3, 5, 5)
+    original = copy.deepcopy(m)
+    res = prunec.compile(m, (x,), passes="prune-channels{ratio=0.5}")
+    assert res.module is None
+    assert "in module 'SplitAdd'" in res.module_problems[0]
+    with torch.no_grad():
+        assert max_rel_error(res.program.module()(x), masked_copy(original, res.plan)(x)) <= 1e-5
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 16, 3, padding=1, groups=4)  # 2 in / 4 out per group
+        self.c = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.g(F.relu(self.a(x)))))
+
+
+def test_grouped_conv_prunes_whole_groups():
+    m, x = Grouped(), torch.randn(1, 3, 6, 6)
+    g = prunec.trace(m, (x,))
+    cg = build(g)
+    units = units_of(g, cg, "a.weight", 0)
+    assert sorted(units.values()) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    for unit, idx in units.items():
+        k = idx[0] // 2
+        assert members(g, cg, unit, "g.weight", 0) == list(range(4 * k, 4 * k + 4))
+    res = prune_and_check(m, x)
+    assert res.module.g.groups == 2 and res.module.g.in_channels == 4 and res.module.g.out_channels == 8
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 3, 10)
+        self.out = nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(torch.flatten(F.relu(self.conv(x)), 1))))
+
+
+def test_flatten_into_linear_maps_a_channel_to_its_features():
+    m, x = FlattenLinear(), torch.randn(1, 3, 5, 5)
+    g = prunec.trace(m, (x,))
+    cg = build(g)
+    for unit, (c,) in units_of(g, cg, "conv.weight", 0).items():
+        assert members(g, cg, unit, "fc.weight", 1) == list(range(9 * c, 9 * c + 9))
+    res = prune_and_check(m, x)
+    assert res.module.fc.in_features == 18 and res.module.conv.out_channels == 2
+
+
+class Shuffle(nn.Module):
+    def __init__(self, native):
+        super().__init__()
+        self.native = native
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.native:
+            y = F.channel_shuffle(y, 2)
+        else:  # the view / transpose / view idiom of ShuffleNet
+            n, c, h, w = y.shape
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_channel_shuffle_is_not_pruned_across(native):
+    m, x = Shuffle(native), torch.randn(1, 3, 4, 4)
+    g = prunec.trace(m, (x,))
+    cg = build(g)
+    group = next(gr for gr in cg.groups if any(cg.slots[s][0].name == "a.weight" and cg.slots[s][1] == 0
+                                                for s in gr.param_slots))
+    assert group.prunable == []
+    if native:
+        assert [b.op for b in cg.barriers] == ["channel_shuffle"]
+        assert "no channel rule" in cg.barriers[0].why
+    res = prunec.compile(m, (x,), passes="prune-channels{ratio=0.5}")
+    assert res.report["passes"][0]["changed"] is False
+
+
+class GQA(nn.Module):
+    def __init__(self, heads=4, kv=2, d=8):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv, d
+        self.q = nn.Linear(32, heads * d)
+        self.k = nn.Linear(32, kv * d)
+        self.v = nn.Linear(32, kv * d)
+        self.o = nn.Linear(heads * d, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads():
+    m, x = GQA(), torch.randn(1, 5, 32)
+    g = prunec.trace(m, (x,))
+    cg = build(g)
+    units = units_of(g, cg, "k.weight", 0)
+    assert sorted(units.values()) == [list(range(0, 8)), list(range(8, 16))]
+    for unit, idx in units.items():
+        j = idx[0] // 8
+        assert members(g, cg, unit, "q.weight", 0) == list(range(16 * j, 16 * j + 16))
+    res = prune_and_check(m, x)
+    assert res.module.k.out_features == 8 and res.module.q.out_features == 16
+    assert (res.module.num_heads, res.module.num_key_value_heads) == (2, 1)
+
+
+def test_unknown_op_is_a_barrier_named_in_the_report():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.special.i0(self.a(x)))
+
+    g = prunec.trace(Odd(), (torch.randn(2, 4),))
+    cg = build(g)
+    assert [(b.op, b.node) for b in cg.barriers] == [("special_i0", "special_i0")]
+    assert not any(gr.prunable for gr in cg.groups)
