@@ -22,15 +22,17 @@ _NORM_OPS = {"_native_batch_norm_legit_no_training", "batch_norm", "group_norm",
              "instance_norm", "rms_norm"}
 
 OPTIONS = {
-    "ratio": Option("float-map", 0.5, "fraction of units to remove: a float, or [pattern:ratio,...] by "
-                    "parameter-name pattern (first match wins)", minimum=0.0, maximum=1.0),
+    "ratio": Option("float-map", 0.5, "fraction of units to remove: a float, or [pattern:ratio,...] matched "
+                    "against the parameters producing the channels (first match wins; no match: 0)",
+                    minimum=0.0, maximum=1.0),
     "criterion": Option(str, "l1", "importance of a unit, summed over its members",
                         choices=("l1", "l2", "bn-scale", "taylor", "random")),
     "scope": Option(str, "local", "rank units within each group (local) or across groups (global)",
                     choices=("local", "global")),
     "round-to": Option(int, 1, "keep unit counts a multiple of this", minimum=1),
     "min-channels": Option(int, 1, "never keep fewer units than this in a group", minimum=1),
-    "ignore": Option(list, [], "parameter-name patterns whose channels are never pruned, e.g. [fc.*,head.*]"),
+    "ignore": Option(list, [], "parameter-name patterns whose output channels (dim 0) are never pruned, "
+                     "e.g. [fc.*,head.*]"),
     "heads": Option(bool, True, "prune whole attention heads"),
     "seed": Option(int, 0, "seed for criterion=random"),
     "exact": Option(bool, False, "only prune groups where compaction provably equals masking (skip groups "
@@ -52,7 +54,8 @@ def _taylor_grads(graph: Graph, am) -> dict[str, torch.Tensor]:
     ctx = getattr(am, "context", None)
     if ctx is None or not ctx.example_inputs:
         raise UsageError("prune-channels{criterion=taylor} needs a calibration batch (example inputs)")
-    tensors = {k: (t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
+    tensors = {k: (t.detach().clone().requires_grad_(True)
+                   if t.is_floating_point() and graph.consts[k].kind == "parameter" else t)
                for k, t in graph.tensors.items()}
     with torch.enable_grad():
         outs = interpret(graph, ctx.example_inputs, tensors)
@@ -104,7 +107,9 @@ def unit_scores(graph: Graph, cg, criterion: str, am, seed: int) -> np.ndarray:
 def _group_ratio(ratio, cg, group) -> float:
     if not isinstance(ratio, dict):
         return float(ratio)
-    names = [cg.slots[s][0].name for s in group.param_slots]
+    # match the layers that produce the channels (dim 0: out channels, biases, norm weights)
+    names = [cg.slots[s][0].name for s in group.param_slots if cg.slots[s][1] == 0] or \
+        [cg.slots[s][0].name for s in group.param_slots]
     for pat, r in ratio.items():
         if any(fnmatch.fnmatchcase(n, pat) for n in names):
             return r

@@ -180,9 +180,9 @@ def build(graph: Graph, pins: list[str] = ()) -> ChannelGraph:
         if id(v) not in read:  # unused (often a tied twin of a used weight): leave it alone
             for d in range(len(v.shape)):
                 b.pin_slot(b.slot_id[(id(v), d)], f"{name} is not read by any op")
-        if any(fnmatch.fnmatchcase(name, p) for p in pins):
-            for d in range(len(v.shape)):
-                b.pin_slot(b.slot_id[(id(v), d)], f"{name} matches an ignore pattern")
+        if any(fnmatch.fnmatchcase(name, p) for p in pins) and v.shape:
+            # ignore a layer = keep its output channels (dim 0); its inputs follow their producer
+            b.pin_slot(b.slot_id[(id(v), 0)], f"{name} matches an ignore pattern")
     for n in graph.nodes:
         ctx = RuleContext(b, n)
         apply_rule(ctx, n)
@@ -240,6 +240,8 @@ class ChannelGroups(Analysis):
 def groups_summary(cg: ChannelGraph) -> dict:
     groups = []
     for g in cg.groups:
+        if not g.prunable and all(d >= 2 for _, d in (cg.slots[s] for s in g.param_slots)):
+            continue  # kernel taps and the like: never channels, only noise in a listing
         members = [cg.slot_name(s) for s in g.param_slots]
         channels = max(int(cg.size[s]) for s in g.param_slots)
         groups.append({"id": g.id, "channels": channels, "units": len(g.units),
