@@ -415,6 +415,15 @@ def view(ctx, n: Node) -> None:
             ctx.pin(out, d, "inner dimension of a reshape")
 
 
+@rule("expand_as", "view_as")
+def like(ctx, n: Node) -> None:
+    """``x.expand_as(y)`` / ``x.view_as(y)``: the result has ``y``'s shape."""
+    y, out = n.args[1], n.out
+    for d in range(_nd(y)):
+        ctx.same(y, d, out, d)
+    (expand if n.op == "expand_as" else view)(ctx, n)
+
+
 @rule("expand")
 def expand(ctx, n: Node) -> None:
     x, out = n.args[0], n.out
@@ -443,7 +452,7 @@ def cat(ctx, n: Node) -> None:
                 ctx.same(t, d, out, d)
 
 
-@rule("split", "split_with_sizes", "unsafe_split", "split_with_sizes_copy")
+@rule("split", "split_with_sizes", "unsafe_split", "split_with_sizes_copy", "chunk", "unsafe_chunk")
 def split(ctx, n: Node) -> None:
     x = n.args[0]
     dim = n.arg(2, "dim", 0) % _nd(x)

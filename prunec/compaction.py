@@ -68,7 +68,7 @@ def _fix_node(n: Node, s: _Shrink) -> None:
             if len(n.args) <= gi and "groups" not in n.kwargs:
                 return
             n.set_arg(gi, "groups", s.size(x, 1) // per)
-    elif op in ("split", "split_with_sizes"):
+    elif op in ("split", "split_with_sizes", "chunk", "unsafe_chunk", "unsafe_split"):
         x = n.args[0]
         dim = n.arg(2, "dim", 0) % len(x.shape)
         if len(s.removed(x, dim)):

@@ -7,6 +7,7 @@ so the IR keeps high-level ATen ops (conv2d, linear, layer_norm, sdpa).
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -102,11 +103,16 @@ def load_model(spec: Any, *, trust_pickle: bool = False) -> LoadedModel:
     if spec.endswith(".pt2"):
         if not os.path.isfile(spec):
             raise UsageError(f"{spec}: no such file")
+        export_log = logging.getLogger("torch.export")
+        level = export_log.level
+        export_log.setLevel(logging.CRITICAL)  # torch logs a traceback before raising: keep errors one line
         try:
             ep = torch.export.load(spec)
         except Exception as e:
             raise UsageError(f"{spec}: not a torch.export program ({type(e).__name__}); "
                              f"write one with torch.export.save") from None
+        finally:
+            export_log.setLevel(level)
         return LoadedModel(None, ep, _program_inputs(ep), spec)
     if spec.endswith((".pt", ".pth")) or os.path.sep in spec or os.path.isfile(spec):
         return _load_pickle(spec, trust_pickle)
@@ -172,12 +178,62 @@ def export_module(module: torch.nn.Module, example_inputs: tuple) -> torch.expor
     return ep
 
 
+# Ops whose result may alias their input: an in-place op on a tensor that has such
+# a view cannot be rewritten locally, so those graphs take the general path.
+_ALIASING = {"view", "_unsafe_view", "reshape", "expand", "expand_as", "permute", "transpose", "t", "squeeze",
+             "unsqueeze", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "flatten",
+             "unflatten", "alias", "detach", "as_strided", "narrow", "diagonal", "view_as", "contiguous",
+             "movedim", "swapaxes", "unfold", "indices", "values", "real", "imag"}
+
+
+def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
+    """Rewrite ``relu_(x)`` style ops into their functional form, redirecting later
+    reads of ``x`` to the result.  Returns False (graph untouched) when some mutation
+    is not this simple case: a mutated input, parameter or buffer, or a mutated
+    tensor that has views.  ``run_decompositions({})`` does the same in general but
+    costs more than the export itself."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    plan = []
+    for n in nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        schema = n.target._schema
+        if not schema.is_mutable:
+            continue
+        name = schema.name.split("::")[-1]
+        packet = getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") else None
+        functional = getattr(packet, n.target._overloadname, None) if packet is not None else None
+        a = n.args[0] if n.args else None
+        if functional is None or not isinstance(a, fx.Node):
+            return False
+        if name in ("dropout_", "feature_dropout_", "alpha_dropout_") and not n.args[2]:
+            plan.append((n, functional, a))  # inference dropout writes nothing
+            continue
+        if a.op != "call_function" or _op_short(a) in _ALIASING or any(_op_short(u) in _ALIASING for u in a.users if u is not n):
+            return False
+        plan.append((n, functional, a))
+    for n, functional, a in plan:
+        n.target = functional
+        for u in list(a.users):
+            if u is not n and order[u] > order[n]:
+                u.replace_input_with(a, n)
+    gm.recompile()
+    return True
+
+
+def _op_short(n: fx.Node) -> str:
+    t = n.target
+    return t._schema.name.split("::")[-1] if isinstance(t, torch._ops.OpOverload) else ""
+
+
 def trace(module_or_program, example_inputs: tuple | None = None) -> Graph:
     if isinstance(module_or_program, torch.export.ExportedProgram):
-        ep = module_or_program
+        ep = module_or_program.run_decompositions({})  # a loaded program: never edit the caller's
     else:
         ep = export_module(module_or_program, example_inputs)
-    ep = ep.run_decompositions({})
+        if not _functionalize_inplace(ep.graph_module):
+            ep = ep.run_decompositions({})
     graph = from_exported_program(ep)
     # Fake-tensor and meta shape functions disagree on a few unused side outputs
     # (batch norm's saved statistics); the verifier uses meta, so start from it.

@@ -36,8 +36,8 @@ graph(%x: f32[1,3,5,5]) {
   buffer @bn.running_var: f32[4]
   buffer @bn.num_batches_tracked: i64[]
   %conv2d = aten.conv2d.default(%x, @conv.weight) : f32[1,4,3,3]
-  %_native_batch_norm_legit_no_training_0, %_native_batch_norm_legit_no_training_1, %_native_batch_norm_legit_no_training_2 = aten._native_batch_norm_legit_no_training.default(%conv2d, @bn.weight, @bn.bias, @bn.running_mean, @bn.running_var, 0.1, 1e-05) : f32[1,4,3,3], f32[4], f32[4]
-  %relu = aten.relu.default(%_native_batch_norm_legit_no_training_0) : f32[1,4,3,3]
+  %batch_norm = aten.batch_norm.default(%conv2d, @bn.weight, @bn.bias, @bn.running_mean, @bn.running_var, False, 0.1, 1e-05, False) : f32[1,4,3,3]
+  %relu = aten.relu.default(%batch_norm) : f32[1,4,3,3]
   %mean = aten.mean.dim(%relu, [2, 3]) : f32[1,4]
   %linear = aten.linear.default(%mean, @fc.weight, @fc.bias) : f32[1,2]
   return %linear
