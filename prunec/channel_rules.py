@@ -193,11 +193,11 @@ def spatial(ctx, n: Node) -> None:
             ctx.pin(out, d, "spatial dimension")
 
 
-@rule("constant_pad_nd", "reflection_pad2d", "replication_pad2d", "reflection_pad1d", "replication_pad1d")
+@rule("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "reflection_pad1d", "replication_pad1d")
 def pad(ctx, n: Node) -> None:
     x, out = n.args[0], n.out
     padded = {_nd(x) - 1 - i // 2 for i, p in enumerate(n.args[1]) if p}
-    if n.op != "constant_pad_nd":
+    if n.op not in ("constant_pad_nd", "pad"):
         padded |= set(range(_nd(x) - len(n.args[1]) // 2, _nd(x)))
     for d in range(_nd(x)):
         if d in padded:
