@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--ir", action="store_true", help="also print the full IR")
 
-    sub.add_parser("passes", help="list registered passes and preset pipelines")
+    ps = sub.add_parser("passes", help="list registered passes and preset pipelines")
+    ps.add_argument("--load-passes", action="append", default=[], metavar="FILE.py",
+                    help="also list the passes a Python file registers")
 
     r = sub.add_parser("run", help="run a compiled TVM output directory")
     r.add_argument("outdir")
@@ -169,8 +171,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_passes(args) -> int:
-    from .registry import PASSES, PIPELINES, load_builtin_passes
-    load_builtin_passes()
+    from .registry import PASSES, PIPELINES
+    _load_user_passes(args)
     print("passes:")
     for name in sorted(PASSES):
         cls = PASSES[name]

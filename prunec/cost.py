@@ -60,9 +60,12 @@ class Cost:
 
 def stored_bytes(graph: Graph, name: str) -> int:
     ann = graph.annotations.get(name)
+    t = graph.tensors[name]
+    if ann and "format" in ann and ann.get("shape", list(t.shape)) != list(t.shape):
+        from .artifact import refresh  # a later pass resized it (e.g. channel pruning)
+        ann = refresh(graph, name)
     if ann and "stored_bytes" in ann:
         return int(ann["stored_bytes"])
-    t = graph.tensors[name]
     return t.numel() * t.element_size()
 
 
