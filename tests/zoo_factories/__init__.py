@@ -1,0 +1,1 @@
+"""Small model factories for ``package.module:factory`` specs in the tests."""
