@@ -116,12 +116,13 @@ def cmd_compile(args) -> int:
     tmp = prepare_outdir(args.output, args.force)
     try:
         insts = []
-        if not args.quiet:
+        # progress is for people watching a terminal; logs and pipes get only the result or one error line
+        progress = not args.quiet and sys.stderr.isatty()
+        if progress:
             insts.append(Progress(n_passes))
+            print(f"tracing {args.model} ...", file=sys.stderr)
         if args.print_ir_after_change:
             insts.append(PrintIRAfterChange())
-        if not args.quiet:
-            print(f"tracing {args.model} ...", file=sys.stderr)
         options = {}
         if tgt.kind != "torch":
             options = {"tune_trials": args.tune_trials, "tuning_db": args.tuning_db, "parsed_target": tgt}

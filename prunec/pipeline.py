@@ -64,11 +64,11 @@ class Pipeline:
 
 
 def parse(text: str) -> Pipeline:
-    text = text.strip()
+    text = text.rstrip()
     items: list[PassSpec] = []
-    i, n = 0, len(text)
-    if n == 0:
-        return Pipeline([], text)
+    i, n = len(text) - len(text.lstrip()), len(text)  # columns count from the text as given
+    if i == n:
+        return Pipeline([], text.strip())
     while True:
         m = _IDENT.match(text, i)
         if not m:
