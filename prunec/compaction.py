@@ -80,7 +80,7 @@ def _fix_node(n: Node, s: _Shrink) -> None:
         x = n.args[0]
         dim = n.arg(1, "dim", 0) % len(x.shape)
         if len(s.removed(x, dim)):
-            from .channel_rules import slice_bounds
+            from .channel_rules_reindex import slice_bounds
             start, _, _ = slice_bounds(x.shape[dim], n.arg(2, "start"), n.arg(3, "end"), n.arg(4, "step", 1))
             new_start = s.new_index(x, dim, start)
             n.args = (x, dim, new_start, new_start + s.size(n.out, dim)) + tuple(n.args[4:])
