@@ -1,0 +1,302 @@
+"""Sparse kernels for linear layers and 1x1 convolutions, chosen per layer.
+
+The pattern comes from the weight itself (its zeros), so it is always right;
+compression-pass annotations are only hints.  A weight ``W[N, K]`` is stored
+as block-sparse rows (BSR) with ``r x 1`` blocks (``r`` in 16, 8, 4, 1: the
+block height that wastes the fewest multiplications on zeros; ``r = 1`` is
+CSR).  Kernels are TIR, generated per layer and specialized to its shapes,
+block size, row tile and batch; the block values, column indices and row
+pointers are compile-time constants of the library.
+
+``SparseDenseRewrite`` is a Relax module pass: ``R.matmul(x, W_const)`` (a
+linear layer after import) and ``R.nn.conv2d(x, W_const)`` with a 1x1 kernel
+become ``call_tir`` of the sparse kernel where that is faster: each candidate
+layer's sparse and dense kernels are built and timed on the target (or, with
+``measure=False``, compared by a cost model).  ``.report`` lists the choice
+per layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.script import tirx as T
+
+_ROWS = (16, 8, 4, 1)
+
+
+# ---- formats ---------------------------------------------------------------------------
+
+def to_bsr(w: np.ndarray, r: int):
+    """``W[N, K]`` -> (data[nnzb, 1, r], indices[nnzb], indptr[N/r + 1]) with r x 1 blocks."""
+    n, k = w.shape
+    b = w.reshape(n // r, r, k).transpose(0, 2, 1)  # nb, K, r
+    nz = np.any(b != 0, axis=2)
+    indptr = np.concatenate([[0], np.cumsum(nz.sum(1))]).astype("int32")
+    rows, cols = np.nonzero(nz)
+    data = np.ascontiguousarray(b[rows, cols]).reshape(-1, 1, r).astype(w.dtype)
+    if len(cols) == 0:  # keep buffers non-empty
+        data, cols = np.zeros((1, 1, r), w.dtype), np.zeros(1, "int32")
+    return data, cols.astype("int32"), indptr
+
+
+def pick_block(w: np.ndarray) -> tuple[int, int]:
+    """(r, nnzb) minimizing an estimate of vector work (r/8 lanes + per-block overhead)."""
+    n = w.shape[0]
+    best = None
+    for r in _ROWS:
+        if n % r:
+            continue
+        nnzb = int(np.any(w.reshape(n // r, r, -1) != 0, axis=1).sum())
+        cost = nnzb * (max(r / 8, 1) + 0.75)
+        if best is None or cost < best[2]:
+            best = (r, nnzb, cost)
+    return best[0], best[1]
+
+
+# ---- kernels --------------------------------------------------------------------------
+
+def _tile(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
+    """y[M, N] = x[M, K] @ W[N, K]^T, W in BSR (r x 1 blocks); vectorized over the block rows."""
+    nb, mt = n // r, _tile(m, 4)
+
+    @T.prim_func(private=True)
+    def bsr_linear(x: T.Buffer((m, k), dtype), data: T.Buffer((nnzb, 1, r), dtype),
+                   indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+                   y: T.Buffer((m, n), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 4})
+        for i in T.parallel(nb):
+            for mo in range(m // mt):
+                acc = T.alloc_buffer((mt, r), dtype, scope="local")
+                for mi in T.unroll(mt):
+                    for rr in T.vectorized(r):
+                        acc[mi, rr] = T.cast(0, dtype)
+                for j in range(indptr[i], indptr[i + 1]):
+                    for mi in T.unroll(mt):
+                        for rr in T.vectorized(r):
+                            acc[mi, rr] = acc[mi, rr] + data[j, 0, rr] * x[mo * mt + mi, indices[j]]
+                for mi in T.unroll(mt):
+                    for rr in T.vectorized(r):
+                        y[mo * mt + mi, i * r + rr] = acc[mi, rr]
+    return bsr_linear
+
+
+def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "float32"):
+    """y[B, N, P] = W[N, K] @ x[B, K, P] (a 1x1 convolution, P = H*W); vectorized over P."""
+    nb, pt = n // r, _tile(p, 16)
+    if pt < 4 and p > 16:
+        pt = 16
+    po = (p + pt - 1) // pt
+
+    @T.prim_func(private=True)
+    def bsr_conv1x1(x: T.Buffer((b, k, p), dtype), data: T.Buffer((nnzb, 1, r), dtype),
+                    indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+                    y: T.Buffer((b, n, p), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 4})
+        for f in T.parallel(b * nb * po):
+            bi: T.int32 = f // (nb * po)
+            i: T.int32 = f // po % nb
+            o: T.int32 = f % po
+            acc = T.alloc_buffer((r, pt), dtype, scope="local")
+            for rr in T.unroll(r):
+                for q in T.vectorized(pt):
+                    acc[rr, q] = T.cast(0, dtype)
+            for j in range(indptr[i], indptr[i + 1]):
+                for rr in T.unroll(r):
+                    for q in T.vectorized(pt):
+                        if o * pt + q < p:
+                            acc[rr, q] = acc[rr, q] + data[j, 0, rr] * x[bi, indices[j], o * pt + q]
+            for rr in T.unroll(r):
+                for q in T.vectorized(pt):
+                    if o * pt + q < p:
+                        y[bi, i * r + rr, o * pt + q] = acc[rr, q]
+    return bsr_conv1x1
+
+
+# ---- measuring ------------------------------------------------------------------------
+
+def _time(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray]) -> float:
+    func = func.with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target)
+    dev = tvm.cpu(0)
+    targs = [tvm.runtime.tensor(a, dev) for a in args]
+    f = lib.mod.time_evaluator("main", dev, number=10, repeat=3, min_repeat_ms=20)
+    return float(np.median(f(*targs).results))
+
+
+def _dense_matmul(m: int, k: int, n: int, target):
+    from tvm import te
+    from . import tvm_schedule
+    x = te.placeholder((m, k), "float32", name="x")
+    w = te.placeholder((k, n), "float32", name="w")
+    kk = te.reduce_axis((0, k), name="kk")
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, kk] * w[kk, j], axis=kk), name="y")
+    func = te.create_prim_func([x, w, y])
+    with target:
+        sch = tvm_schedule.RegisterTiledReduction().apply(func, target, False)
+    return sch.mod["main"] if sch is not None else func
+
+
+def measure_linear(w: np.ndarray, m: int, r: int, target) -> tuple[float, float]:
+    """(sparse seconds, dense seconds) for y = x @ w.T on ``target``."""
+    n, k = w.shape
+    data, idx, ptr = to_bsr(w, r)
+    x = np.random.rand(m, k).astype("float32")
+    ts = _time(bsr_xwt(m, k, n, r, len(idx)), target, [x, data, idx, ptr, np.zeros((m, n), "float32")])
+    td = _time(_dense_matmul(m, k, n, target), target, [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")])
+    return ts, td
+
+
+def measure_conv1x1(w: np.ndarray, b: int, p: int, r: int, target) -> tuple[float, float]:
+    n, k = w.shape
+    data, idx, ptr = to_bsr(w, r)
+    x = np.random.rand(b, k, p).astype("float32")
+    ts = _time(bsr_wx(b, n, k, p, r, len(idx)), target, [x, data, idx, ptr, np.zeros((b, n, p), "float32")])
+    # dense 1x1 conv = W[N,K] @ x[K,P]: the transposed matmul problem (M=P)
+    td = _time(_dense_matmul(p * b, k, n, target), target,
+               [np.random.rand(p * b, k).astype("float32"), np.ascontiguousarray(w.T), np.zeros((p * b, n), "float32")])
+    return ts, td
+
+
+def weight_key(w: np.ndarray) -> tuple:
+    """A key that finds a layer's name from its weight (as the importer drops names)."""
+    w = np.asarray(w, dtype="float64").reshape(w.shape[0], -1)
+    return (w.size, round(float(np.abs(w).sum()), 3), round(float((w != 0).sum()), 0))
+
+
+# ---- the Relax pass -------------------------------------------------------------------
+
+def _static_shape(expr) -> list[int] | None:
+    si = expr.ty
+    if not isinstance(si, relax.TensorType) or si.shape is None:
+        return None
+    try:
+        return [int(s) for s in si.shape]
+    except TypeError:
+        return None
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, opts):
+        super().__init__(mod)
+        self.opts = opts
+        self.report: list[dict] = []
+        self._matmul = tvm.ir.Op.get("relax.matmul")
+        self._conv = tvm.ir.Op.get("relax.nn.conv2d")
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        try:
+            res = None
+            if call.op.same_as(self._matmul):
+                res = self._linear(call)
+            elif call.op.same_as(self._conv):
+                res = self._conv1x1(call)
+            if res is not None:
+                return res
+        except Exception as e:  # noqa: BLE001 - never fail a build over a sparse candidate
+            self.report.append({"layer": f"#{len(self.report)}", "choice": "dense", "reason": f"error: {e}"})
+        return call
+
+    def _decide(self, kind, w, batch, p=None):
+        """Returns (use_sparse, r, info dict)."""
+        zero = float((w == 0).mean())
+        name = self.opts.get("names", {}).get(weight_key(w)) or f"{kind}{list(w.shape)}#{len(self.report)}"
+        info = {"layer": name, "kind": kind, "shape": list(w.shape),
+                "zeros": round(zero, 4)}
+        if zero < self.opts["min_zeros"] or self.opts["mode"] == "dense":
+            info.update(choice="dense", reason="too few zeros" if zero < self.opts["min_zeros"] else "forced")
+            self.report.append(info)
+            return False, 0, info
+        r, nnzb = pick_block(w)
+        info.update(block=[r, 1], nnz_blocks=nnzb, block_fill=round(nnzb * r / max(w.size, 1), 4))
+        if self.opts["mode"] == "sparse":
+            ok, why = True, "forced"
+        elif self.opts["measure"]:
+            if kind == "linear":
+                ts, td = measure_linear(w, batch, r, self.opts["target"])
+            else:
+                ts, td = measure_conv1x1(w, batch, p, r, self.opts["target"])
+            ok, why = ts < td, "measured"
+            info.update(sparse_ms=round(ts * 1e3, 4), dense_ms=round(td * 1e3, 4))
+        else:
+            ok, why = nnzb * max(r / 8, 1) * 1.6 < w.size / 8, "cost model"
+        info.update(choice="sparse" if ok else "dense", reason=why)
+        self.report.append(info)
+        return ok, r, info
+
+    def _consts(self, w, r):
+        data, idx, ptr = to_bsr(w, r)
+        return [relax.const(a) for a in (data, idx, ptr)], len(idx)
+
+    def _linear(self, call):
+        x, wc = call.args
+        if not isinstance(wc, tvm.ir.expr.Constant) or str(wc.value.dtype) != "float32":
+            return None
+        xs, ws = _static_shape(x), _static_shape(wc)
+        if xs is None or ws is None or len(ws) != 2 or str(x.ty.dtype) != "float32":
+            return None
+        k, n = ws
+        m = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
+        w = wc.value.numpy().T  # [N, K]
+        ok, r, _ = self._decide("linear", w, m)
+        if not ok:
+            return None
+        consts, nnzb = self._consts(w, r)
+        gv = self.builder_.add_func(bsr_xwt(m, k, n, r, nnzb), "prunec_bsr_linear")
+        x2 = self.builder_.emit(relax.op.reshape(x, [m, k]))
+        y = self.builder_.emit(relax.call_tir(gv, [x2, *consts], relax.TensorType([m, n], "float32")))
+        return relax.op.reshape(y, [*xs[:-1], n]) if len(xs) != 2 else y
+
+    def _conv1x1(self, call):
+        x, wc = call.args
+        a = call.attrs
+        if not isinstance(wc, tvm.ir.expr.Constant) or str(wc.value.dtype) != "float32":
+            return None
+        xs, ws = _static_shape(x), _static_shape(wc)
+        if (xs is None or ws is None or ws[2:] != [1, 1] or int(a.groups) != 1 or str(a.data_layout) != "NCHW"
+                or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"
+                or any(int(s) != 1 for s in a.strides) or any(int(s) != 0 for s in a.padding)):
+            return None
+        b, c, h, wd = xs
+        n = ws[0]
+        w = wc.value.numpy().reshape(n, c)
+        ok, r, _ = self._decide("conv1x1", w, b, h * wd)
+        if not ok:
+            return None
+        consts, nnzb = self._consts(w, r)
+        gv = self.builder_.add_func(bsr_wx(b, n, c, h * wd, r, nnzb), "prunec_bsr_conv1x1")
+        x2 = self.builder_.emit(relax.op.reshape(x, [b, c, h * wd]))
+        y = self.builder_.emit(relax.call_tir(gv, [x2, *consts], relax.TensorType([b, n, h * wd], "float32")))
+        return relax.op.reshape(y, [b, n, h, wd])
+
+
+@tvm.transform.module_pass(opt_level=0, name="prunec.SparseDenseRewrite")
+class SparseDenseRewrite:
+    """Relax module pass: sparse kernels in place of dense linear / 1x1 conv where faster.
+
+    mode: "auto" (measure or cost model), "sparse" (always, for testing) or "dense" (never).
+    ``.report`` (after running) lists the choice per layer.
+    """
+
+    def __init__(self, target, mode: str = "auto", measure: bool = True, min_zeros: float = 0.5,
+                 names: dict | None = None):
+        self.opts = {"target": target, "mode": mode, "measure": measure and target.kind.name == "llvm",
+                     "min_zeros": min_zeros, "names": names or {}}
+        self.report: list[dict] = []
+
+    def transform_module(self, mod, _ctx):
+        rw = _Rewriter(mod, self.opts)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        self.report[:] = rw.report
+        return rw.builder_.get()

@@ -1,0 +1,33 @@
+"""Helpers for the TVM backend tests: compile a module through prunec and compare with the torch backend."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import prunec
+from prunec.ir import interpret
+
+
+def max_rel_err(got, ref) -> float:
+    got = [g.numpy() if hasattr(g, "numpy") else np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+    ref = [r.detach().numpy() for r in ref]
+    worst = 0.0
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == r.shape, (g.shape, r.shape)
+        scale = max(float(np.abs(r).max()), 1e-6)
+        worst = max(worst, float(np.abs(g - r).max()) / scale)
+    return worst
+
+
+def build_and_compare(model, inputs, passes: str = "", sparse: dict | None = None, tol: float = 1e-4):
+    """Compile with ``passes`` for llvm; check the TVM output against the torch backend's."""
+    model = model.eval()
+    inputs = tuple(inputs)
+    result = prunec.compile(model, inputs, passes=passes, target="llvm", in_place=False,
+                            target_options={"sparse": sparse} if sparse else None)
+    with torch.no_grad():
+        ref = interpret(result.graph, inputs)
+    got = result.artifact.load()(*inputs)
+    err = max_rel_err(got, ref)
+    assert err <= tol, f"max abs error {err:.3g} relative to the output scale"
+    return result
