@@ -137,19 +137,50 @@ def _head_groups(graph: Graph, cg) -> set[int]:
     return out
 
 
+class _SlotCaps:
+    """Per-member limits inside a group: no tensor dimension loses more than the
+    group's ratio, and none is emptied.  This matters where a group spans
+    several producers (the branches of a concatenation): a group-wide ranking
+    alone could remove every channel of one branch."""
+
+    def __init__(self, cg, group, ratio: float):
+        self.unit_slots: dict[int, list[tuple[int, int]]] = {}
+        self.left: dict[int, int] = {}
+        for s in group.slots:
+            labels = cg.slot_labels(s)
+            self.left[s] = min(len(labels) - 1, int(math.floor(ratio * len(labels) + 1e-9)))
+            units, counts = np.unique(labels, return_counts=True)
+            for u, c in zip(units.tolist(), counts.tolist()):
+                self.unit_slots.setdefault(u, []).append((s, c))
+
+    def take(self, u: int) -> bool:
+        need = self.unit_slots.get(u, ())
+        if any(self.left[s] < c for s, c in need):
+            return False
+        for s, c in need:
+            self.left[s] -= c
+        return True
+
+
 def select_units(graph, cg, scores, ratio, scope, round_to, min_units, skip_groups) -> np.ndarray:
     removed = np.zeros(len(cg.unit_pinned), dtype=bool)
-    budgets = {}
+    budgets, caps = {}, {}
     for g in cg.groups:
         if g.id in skip_groups or not g.prunable:
             continue
-        budgets[g.id] = _max_removable(g, _group_ratio(ratio, cg, g), round_to, min_units)
+        r = _group_ratio(ratio, cg, g)
+        budgets[g.id] = _max_removable(g, r, round_to, min_units)
+        caps[g.id] = _SlotCaps(cg, g, r if scope == "local" else 1.0)
     if scope == "local":
         for g in cg.groups:
             k = budgets.get(g.id, 0)
-            if k:
-                units = np.array(g.prunable)
-                removed[units[np.argsort(scores[units], kind="stable")[:k]]] = True
+            units = np.array(g.prunable)
+            for u in (units[np.argsort(scores[units], kind="stable")] if k else ()):
+                if k == 0:
+                    break
+                if caps[g.id].take(int(u)):
+                    removed[u] = True
+                    k -= 1
         return removed
     # global: rank units across groups by score normalised within each group
     cand = []
@@ -157,21 +188,20 @@ def select_units(graph, cg, scores, ratio, scope, round_to, min_units, skip_grou
         if budgets.get(g.id):
             units = np.array(g.prunable)
             top = scores[units].max() or 1.0
-            cand += [(scores[u] / top, g.id, u) for u in units]
+            cand += [(scores[u] / top, g.id, int(u)) for u in units]
     cand.sort()
     r = ratio if not isinstance(ratio, dict) else max(ratio.values(), default=0.0)
     target = int(math.floor(r * len(cand)))
-    taken = {gid: 0 for gid in budgets}
     # a global budget may take more from one group than the local ratio would, but never
     # more than the group's floor (min-channels / round-to) allows
-    caps = {g.id: _max_removable(g, 1.0, round_to, min_units) for g in cg.groups if g.id in budgets}
+    left = {g.id: _max_removable(g, 1.0, round_to, min_units) for g in cg.groups if g.id in budgets}
     done = 0
     for _, gid, u in cand:
         if done >= target:
             break
-        if taken[gid] < caps[gid]:
+        if left[gid] > 0 and caps[gid].take(u):
             removed[u] = True
-            taken[gid] += 1
+            left[gid] -= 1
             done += 1
     return removed
 

@@ -214,3 +214,25 @@ def test_unknown_op_is_a_barrier_named_in_the_report():
     cg = build(g)
     assert [(b.op, b.node) for b in cg.barriers] == [("special_i0", "special_i0")]
     assert not any(gr.prunable for gr in cg.groups)
+
+
+class ConcatBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 2, 1)
+        with torch.no_grad():  # every channel of b is less important than any of a
+            self.b.weight.mul_(1e-3)
+            self.b.bias.mul_(1e-3)
+
+    def forward(self, x):
+        return self.c(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1))
+
+
+def test_concatenated_branches_each_keep_their_share():
+    m, x = ConcatBranches(), torch.randn(1, 3, 4, 4)
+    res = prune_and_check(m, x)
+    assert res.module.a.out_channels == 2 and res.module.b.out_channels == 2 and res.module.c.in_channels == 4
+    res = prunec.compile(ConcatBranches(), (x,), passes="prune-channels{ratio=0.9,scope=global}")
+    assert res.graph.consts["b.weight"].shape[0] >= 1 and res.graph.consts["a.weight"].shape[0] >= 1
