@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, Node, Value, bind_results, call_node
+from .ir import Graph, Node, Value, map_values, bind_results, call_node
 from .errors import IRError
 
 
@@ -30,11 +30,13 @@ def infer_node(node: Node, env: dict[Value, Any]) -> Any:
             # output), so a legal view can look illegal here; shapes are identical.
             x = env[node.args[0]]
             return torch.ops.aten.reshape.default(x, node.args[1])
-        if "device" in node.kwargs:  # factory ops (arange, zeros): build them on meta too
-            kwargs = {**node.kwargs, "device": _META}
-            lookup = lambda v: env[v]  # noqa: E731
-            from .ir import map_values
-            return node.target(*map_values(node.args, lookup), **map_values(kwargs, lookup))
+        if "device" in node.kwargs or any(isinstance(a, torch.device) for a in node.args):
+            # factory ops (arange) and .to(device): keep everything on meta
+            args = tuple(_META if isinstance(a, torch.device) else env[a] if isinstance(a, Value) else a
+                         for a in node.args)
+            kwargs = {k: _META if k == "device" else env[v] if isinstance(v, Value) else v
+                      for k, v in node.kwargs.items()}
+            return node.target(*map_values(args, lambda v: env[v]), **kwargs)
         return call_node(node, env)
     except Exception as e:  # the op rejects its operands: a broken IR
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
