@@ -4,31 +4,14 @@ import torch
 import torchvision
 
 from prune_cases import HF_MODELS, check_pruned, hf_model, randomize_norms
-
-
-def classification_models(limit=100e6):
-    names = []
-    for name in torchvision.models.list_models(module=torchvision.models):
-        try:  # meta tensors make this instant; a few builders copy data at init and need real ones
-            with torch.device("meta"):
-                n = sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters())
-        except (NotImplementedError, RuntimeError):
-            n = sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters())
-        if n <= limit:
-            names.append(name)
-    return names
-
-
-def _input(name):
-    size = 299 if name == "inception_v3" else 224
-    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+from test_zoo_roundtrip import make_model, zoo_models
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", classification_models())
+@pytest.mark.parametrize("name", zoo_models())
 def test_classification(name):
-    model = randomize_norms(torchvision.models.get_model(name, weights=None))
-    check_pruned(model, (_input(name),), require_module=False)
+    model, x = make_model(name)  # the round-trip test's list and input sizes
+    check_pruned(randomize_norms(model), (x,), require_module=False)
 
 
 SEGMENTATION = torchvision.models.list_models(module=torchvision.models.segmentation)
