@@ -1,8 +1,8 @@
 """Frontend: load a model from any supported spec and trace it into prunec's IR.
 
-Tracing goes through ``torch.export`` and then ``run_decompositions({})``,
-which functionalizes the graph (no in-place ops) without decomposing any op,
-so the IR keeps high-level ATen ops (conv2d, linear, layer_norm, sdpa).
+Tracing goes through ``torch.export``; the graph is then made functional (no
+in-place ops) without decomposing any op, so the IR keeps high-level ATen ops
+(conv2d, linear, layer_norm, sdpa).
 """
 from __future__ import annotations
 
