@@ -38,7 +38,7 @@ def format_summary(s: dict) -> str:
     lines = ["inputs:  " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in s["inputs"]),
              "outputs: " + ", ".join(f"{o['name']} {o['shape']}" for o in s["outputs"]),
              f"params: {s['params']:,}   FLOPs: {s['flops']:,}   bytes: {s['bytes']:,}",
-             f"ops: " + ", ".join(f"{k} x{v}" for k, v in s["ops"].items()), "", "layers:"]
+             "ops: " + ", ".join(f"{k} x{v}" for k, v in s["ops"].items()), "", "layers:"]
     for layer in s["layers"]:
         lines.append(f"  %{layer['node']:<28} {layer['op']:<24} weight={layer['weight']} out={layer['output']}"
                      f" flops={layer['flops']:,}")
