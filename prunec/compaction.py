@@ -46,11 +46,7 @@ def _fix_node(n: Node, s: _Shrink) -> None:
     elif op == "unflatten":
         dim = n.args[1] % len(n.args[0].shape)
         n.set_arg(2, "sizes", s.new_shape(n.out)[dim:dim + len(n.args[2])])
-    elif op == "layer_norm":
-        x = n.args[0]
-        k = len(n.args[1])
-        n.set_arg(1, "normalized_shape", s.new_shape(x)[len(x.shape) - k:])
-    elif op == "rms_norm":
+    elif op in ("layer_norm", "rms_norm"):
         x = n.args[0]
         k = len(n.args[1])
         n.set_arg(1, "normalized_shape", s.new_shape(x)[len(x.shape) - k:])
@@ -64,10 +60,7 @@ def _fix_node(n: Node, s: _Shrink) -> None:
         groups = n.arg(gi, "groups", 1)
         if groups > 1:
             x = n.args[0]
-            per = x.shape[1] // groups
-            if len(n.args) <= gi and "groups" not in n.kwargs:
-                return
-            n.set_arg(gi, "groups", s.size(x, 1) // per)
+            n.set_arg(gi, "groups", s.size(x, 1) // (x.shape[1] // groups))
     elif op in ("split", "split_with_sizes", "chunk", "unsafe_chunk", "unsafe_split"):
         x = n.args[0]
         dim = n.arg(2, "dim", 0) % len(x.shape)
