@@ -118,9 +118,9 @@ class PassManager:
                 if not isinstance(res, PassResult):
                     raise TypeError(f"run() returned {type(res).__name__}, expected PassResult")
                 if res.changed:
-                    propagate(graph)
+                    propagate(graph)  # raises IRError where an op rejects its new operands
                 if self.verify_each:
-                    verify(graph)
+                    verify(graph, check_shapes=not res.changed)
             except PrunecError as e:
                 raise self._failure(p, done, e, snapshot) from e
             except Exception as e:  # a bug in a pass: keep the traceback for --dump-dir
