@@ -1,8 +1,19 @@
-"""Keep attention modules' head-count attributes in step with pruned projections.
+"""Keep the int attributes that layers' forward code reshapes with in step with
+the pruned parameter shapes.
 
-Hugging Face and similar attention modules store ``num_heads`` / ``head_dim``
-style attributes that their forward code uses to reshape; after heads are
-pruned these are recomputed from the projection widths.  The check in
+- Hugging Face style attention (``num_heads`` / ``head_dim`` / ``all_head_size``
+  ..., fused ``c_attn`` / ``qkv``; HF ``Conv1D.nf``): recomputed from the
+  projection widths.
+- ``nn.MultiheadAttention``: ``embed_dim``, ``kdim``, ``vdim``, ``num_heads``,
+  ``head_dim``, ``_qkv_same_embed_dim``.  Its code takes the head width as
+  ``embed_dim // num_heads`` from the query width, so the query width, the
+  q/k/v widths and out_proj's input width must all be equal; when pruning made
+  them differ, the module is named as a problem instead.
+- torchvision ``VisionTransformer.hidden_dim`` (its ``_process_input``
+  reshapes with it) and Swin's ``ShiftedWindowAttention`` (its code takes the
+  head width as ``C // num_heads`` from the input width ``C``; same kind of
+  problem line when qkv is not ``3*C`` wide).
+
 ``apply_to_module`` still compares the module with the IR afterwards.
 """
 from __future__ import annotations
@@ -26,46 +37,131 @@ def _width(m) -> int | None:
     return w.shape[0]
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _first(obj, names):
     for n in names:
-        if isinstance(getattr(obj, n, None), int) and not isinstance(getattr(obj, n), bool):
+        if _is_int(getattr(obj, n, None)):
             return n
     return None
 
 
+def _child(m, names):
+    return next((getattr(m, n) for n in names if isinstance(getattr(m, n, None), torch.nn.Module)), None)
+
+
+def attention_widths(m: torch.nn.Module) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head width) of a Hugging Face style
+    attention module, read from its projection widths; None if it is not one."""
+    if isinstance(m, torch.nn.MultiheadAttention):
+        return None
+    dim_attr = _first(m, DIM_ATTRS)
+    if dim_attr is None or getattr(m, dim_attr) <= 0:
+        return None
+    hd = getattr(m, dim_attr)
+    q, k, fused = _child(m, Q_NAMES), _child(m, K_NAMES), _child(m, FUSED_NAMES)
+    if q is not None and _width(q):
+        heads = _width(q) // hd
+        kv = _width(k) // hd if k is not None and _width(k) else heads
+    elif fused is not None and _width(fused):
+        heads = kv = _width(fused) // (3 * hd)
+    else:
+        return None
+    return heads, kv, hd
+
+
 def sync_attention(module: torch.nn.Module) -> list[str]:
-    """Returns the names of the modules it updated."""
+    """Hugging Face style attention and ``Conv1D.nf``; returns the names of the
+    attention modules it updated."""
     touched = []
     for name, m in module.named_modules():
         if hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor):
             m.nf = m.weight.shape[1]
-        dim_attr = _first(m, DIM_ATTRS)
-        head_attr = _first(m, HEAD_ATTRS)
-        if dim_attr is None or head_attr is None:
+        widths = attention_widths(m)
+        if widths is None:
             continue
-        hd = getattr(m, dim_attr)
-        q = next((getattr(m, n) for n in Q_NAMES if isinstance(getattr(m, n, None), torch.nn.Module)), None)
-        k = next((getattr(m, n) for n in K_NAMES if isinstance(getattr(m, n, None), torch.nn.Module)), None)
-        fused = next((getattr(m, n) for n in FUSED_NAMES if isinstance(getattr(m, n, None), torch.nn.Module)), None)
-        if q is not None and _width(q):
-            heads = _width(q) // hd
-            kv = _width(k) // hd if k is not None and _width(k) else heads
-        elif fused is not None and _width(fused):
-            heads = kv = _width(fused) // (3 * hd)
-            if hasattr(m, "split_size"):
-                m.split_size = heads * hd
-        else:
-            continue
+        heads, kv, hd = widths
+        if _child(m, Q_NAMES) is None and hasattr(m, "split_size"):  # GPT-2's fused c_attn
+            m.split_size = heads * hd
         for a in HEAD_ATTRS:
-            if isinstance(getattr(m, a, None), int):
+            if _is_int(getattr(m, a, None)):
                 setattr(m, a, heads)
         for a in KV_ATTRS:
-            if isinstance(getattr(m, a, None), int):
+            if _is_int(getattr(m, a, None)):
                 setattr(m, a, kv)
-        if isinstance(getattr(m, "num_key_value_groups", None), int) and kv:
+        if _is_int(getattr(m, "num_key_value_groups", None)) and kv:
             m.num_key_value_groups = heads // kv
         for a in ("all_head_size", "inner_dim"):
-            if isinstance(getattr(m, a, None), int):
+            if _is_int(getattr(m, a, None)):
                 setattr(m, a, heads * hd)
         touched.append(name)
     return touched
+
+
+def _sync_mha(name: str, m: torch.nn.MultiheadAttention) -> str | None:
+    packed = m.in_proj_weight is not None
+    if packed:
+        rows, eq = m.in_proj_weight.shape
+        q_w = k_w = v_w = rows // 3 if rows % 3 == 0 else -1
+        kdim = vdim = eq
+    else:
+        (q_w, eq), (k_w, kdim), (v_w, vdim) = (m.q_proj_weight.shape, m.k_proj_weight.shape,
+                                               m.v_proj_weight.shape)
+    out_in = m.out_proj.weight.shape[1]
+    hd = m.head_dim
+    if not (q_w == k_w == v_w == out_in == eq) or q_w % hd:
+        return (f"{name or 'module'}: nn.MultiheadAttention takes its head width as embed_dim // num_heads "
+                f"from the query width, so the query, q/k/v and out_proj input widths must be equal; "
+                f"pruned: query {eq}, q/k/v {q_w}/{k_w}/{v_w}, out_proj input {out_in}")
+    m.embed_dim, m.kdim, m.vdim = eq, kdim, vdim
+    m.num_heads, m.head_dim = q_w // hd, hd
+    m._qkv_same_embed_dim = packed  # the parameter layout decides which code path reads them
+    return None
+
+
+def _is_swin_attention(m) -> bool:
+    return (type(m).__name__.startswith("ShiftedWindowAttention") and _is_int(getattr(m, "num_heads", None))
+            and isinstance(getattr(m, "qkv", None), torch.nn.Linear)
+            and isinstance(getattr(m, "proj", None), torch.nn.Linear))
+
+
+def _sync_swin(name: str, m) -> str | None:
+    c = m.qkv.weight.shape[1]
+    qkv_w, proj_in = m.qkv.weight.shape[0], m.proj.weight.shape[1]
+    if qkv_w != 3 * c or proj_in != c:
+        return (f"{name}: {type(m).__name__} takes its head width as C // num_heads from its input width C, "
+                f"so qkv must be 3*C wide and proj must read C; pruned: C {c}, qkv {qkv_w} wide, "
+                f"proj reads {proj_in}")
+    table = getattr(m, "relative_position_bias_table", None)  # [window cells, heads] (v1)
+    scale = getattr(m, "logit_scale", None)  # [heads, 1, 1] (v2)
+    heads = table.shape[-1] if isinstance(table, torch.Tensor) else \
+        scale.shape[0] if isinstance(scale, torch.Tensor) else m.num_heads
+    if c % heads:
+        return f"{name}: {type(m).__name__}: input width {c} is not a multiple of its {heads} heads"
+    m.num_heads = heads
+    return None
+
+
+def sync_layers(module: torch.nn.Module) -> list[str]:
+    """Update every attribute above; returns one problem line per module whose
+    pruned widths its forward code cannot express (by attributes alone)."""
+    sync_attention(module)
+    problems = []
+    for name, m in module.named_modules():
+        problem = None
+        if isinstance(m, torch.nn.MultiheadAttention):
+            problem = _sync_mha(name, m)
+        elif _is_swin_attention(m):
+            problem = _sync_swin(name, m)
+        if problem:
+            problems.append(problem)
+    for m in module.modules():  # after the attention modules they read
+        if type(m).__name__ == "VisionTransformer" and _is_int(getattr(m, "hidden_dim", None)) \
+                and isinstance(getattr(m, "class_token", None), torch.Tensor):
+            m.hidden_dim = m.class_token.shape[-1]  # torchvision: _process_input reshapes with it
+        elif isinstance(getattr(m, "self_attention", None), torch.nn.MultiheadAttention) \
+                and _is_int(getattr(m, "num_heads", None)):
+            m.num_heads = m.self_attention.num_heads  # torchvision EncoderBlock (informational)
+    return problems

@@ -82,6 +82,8 @@ def export_program(graph: Graph, example_inputs: tuple) -> torch.export.Exported
 class ModuleUpdate:
     ok: bool
     problems: list[str] = field(default_factory=list)
+    config_rewritten: dict = field(default_factory=dict)  # Hugging Face config field -> [old, new]
+    config_not_rewritten: list[str] = field(default_factory=list)  # "field: why", see hf_config.py
 
 
 def _set_tensor(module: torch.nn.Module, name: str, t: torch.Tensor, kind: str) -> None:
@@ -108,9 +110,10 @@ def _conv_groups(graph: Graph) -> dict[str, int]:
     return out
 
 
-def sync_attributes(module: torch.nn.Module, graph: Graph) -> None:
+def sync_attributes(module: torch.nn.Module, graph: Graph) -> list[str]:
     """Make layer attributes (``in_channels``, ``out_features``, ...) agree with
-    the parameter shapes, so the module keeps working with the user's code."""
+    the parameter shapes, so the module keeps working with the user's code.
+    Returns a line per module whose code cannot express its new widths."""
     groups = _conv_groups(graph)
     for name, m in module.named_modules():
         w = getattr(m, "weight", None)
@@ -133,8 +136,8 @@ def sync_attributes(module: torch.nn.Module, graph: Graph) -> None:
             m.num_channels = w.shape[0]
         elif isinstance(m, torch.nn.Embedding):
             m.num_embeddings, m.embedding_dim = w.shape
-    from .attention_attributes import sync_attention
-    sync_attention(module)
+    from .attention_attributes import sync_layers
+    return sync_layers(module)
 
 
 def apply_to_module(module: torch.nn.Module, graph: Graph, example_inputs: tuple,
@@ -159,10 +162,12 @@ def apply_to_module(module: torch.nn.Module, graph: Graph, example_inputs: tuple
             continue
         if cur is not t and (cur.shape != t.shape or cur.dtype != t.dtype or not torch.equal(cur, t)):
             _set_tensor(module, name, t, v.kind)
-    sync_attributes(module, graph)
+    problems += sync_attributes(module, graph)
+    from .hf_config import rewrite_config
+    rewritten, not_rewritten = rewrite_config(module)
     if not problems:
         problems += check_module(module, graph, example_inputs, reference_outputs)
-    return ModuleUpdate(not problems, problems)
+    return ModuleUpdate(not problems, problems, rewritten, not_rewritten)
 
 
 def _lookup(module: torch.nn.Module, name: str):

@@ -118,12 +118,17 @@ def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str = "
     program = None  # exported lazily by CompileResult.program
     problems: list[str] = []
     out_module = None
+    config_fields: tuple = ({}, [])
     if module is not None:
         upd = torch_backend.apply_to_module(module, graph, inputs)
         problems = upd.problems
         out_module = module if upd.ok else None
+        config_fields = (upd.config_rewritten, upd.config_not_rewritten)
     plan = am.plan_tracker.plan() if getattr(am, "plan_tracker", None) else None
     report = make_report(source, passes, target, before, after, records, problems)
+    # Hugging Face ``model.config`` of the in-place module: fields rewritten ({field: [old, new]}) and
+    # "field: why" lines for fields (or parameter shapes) the config could not be made to express
+    report["hf-config"] = {"rewritten": config_fields[0], "not-rewritten": config_fields[1]}
     report["layers"] = layers_report(before_layers, layer_sizes(graph))  # stored bytes per layer
     result = CompileResult(graph, out_module, program, report, plan, inputs, problems)
     if target in ("llvm", "cuda") or (target not in TARGETS):

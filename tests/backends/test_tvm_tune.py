@@ -1,0 +1,45 @@
+"""MetaSchedule tuning: records land in the database, are applied, and a later compile reuses them."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import prunec
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _tvm_helpers import max_rel_err  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(16 * 8 * 8, 10)).eval()
+
+
+def test_tune_then_reuse_database(tmp_path):
+    model, x = _model(), torch.randn(1, 3, 8, 8)
+    db = str(tmp_path / "db")
+    res = prunec.compile(model, (x,), passes="", target="llvm",
+                         target_options={"tune_trials": 8, "tuning_db": db, "progress": False})
+    tuning = res.artifact.tuning
+    assert tuning["tuned_now"] == tuning["kernels"] > 0 and tuning["from_db"] == 0
+    assert tuning["applied"] > 0, tuning  # at least one kernel runs a tuned schedule
+    records = open(os.path.join(db, "database_tuning_record.json")).read().splitlines()
+    assert len(records) >= tuning["kernels"] and all(json.loads(r) for r in records)
+    with torch.no_grad():
+        ref = model(x)
+    assert max_rel_err(res.artifact.load()(x), [ref]) <= 1e-4
+
+    # A repeat compile of the same workloads takes its schedules from the database: no tuning.
+    again = prunec.compile(model, (x,), passes="", target="llvm",
+                           target_options={"tune_trials": 8, "tuning_db": db, "progress": False})
+    assert again.artifact.tuning["from_db"] == tuning["kernels"] and again.artifact.tuning["tuned_now"] == 0
+    assert again.artifact.tuning["applied"] == tuning["applied"]
+    assert "tune_s" not in again.artifact.tuning
+    assert max_rel_err(again.artifact.load()(x), [ref]) <= 1e-4
