@@ -122,10 +122,11 @@ def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "floa
 
 # ---- measuring ------------------------------------------------------------------------
 
-def _time(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray]) -> float:
+def time_func(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray], dev=None) -> float:
+    """Median seconds per call of one PrimFunc on ``target``."""
     func = func.with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target)
-    dev = tvm.cpu(0)
+    dev = dev or tvm.cpu(0)
     targs = [tvm.runtime.tensor(a, dev) for a in args]
     f = lib.mod.time_evaluator("main", dev, number=10, repeat=3, min_repeat_ms=20)
     return float(np.median(f(*targs).results))
@@ -149,8 +150,8 @@ def measure_linear(w: np.ndarray, m: int, r: int, target) -> tuple[float, float]
     n, k = w.shape
     data, idx, ptr = to_bsr(w, r)
     x = np.random.rand(m, k).astype("float32")
-    ts = _time(bsr_xwt(m, k, n, r, len(idx)), target, [x, data, idx, ptr, np.zeros((m, n), "float32")])
-    td = _time(_dense_matmul(m, k, n, target), target, [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")])
+    ts = time_func(bsr_xwt(m, k, n, r, len(idx)), target, [x, data, idx, ptr, np.zeros((m, n), "float32")])
+    td = time_func(_dense_matmul(m, k, n, target), target, [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")])
     return ts, td
 
 
@@ -158,9 +159,9 @@ def measure_conv1x1(w: np.ndarray, b: int, p: int, r: int, target) -> tuple[floa
     n, k = w.shape
     data, idx, ptr = to_bsr(w, r)
     x = np.random.rand(b, k, p).astype("float32")
-    ts = _time(bsr_wx(b, n, k, p, r, len(idx)), target, [x, data, idx, ptr, np.zeros((b, n, p), "float32")])
+    ts = time_func(bsr_wx(b, n, k, p, r, len(idx)), target, [x, data, idx, ptr, np.zeros((b, n, p), "float32")])
     # dense 1x1 conv = W[N,K] @ x[K,P]: the transposed matmul problem (M=P)
-    td = _time(_dense_matmul(p * b, k, n, target), target,
+    td = time_func(_dense_matmul(p * b, k, n, target), target,
                [np.random.rand(p * b, k).astype("float32"), np.ascontiguousarray(w.T), np.zeros((p * b, n), "float32")])
     return ts, td
 

@@ -12,11 +12,13 @@ and takes seconds.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import time
 
 import tvm
+import tvm_ffi
 from tvm import relax
 
 _BUILD_FUNC = "prunec.meta_schedule.build"
@@ -112,6 +114,13 @@ def _progress_callback(total: int, enabled: bool):
     return _Progress()
 
 
+def _tune(ms, ctxs, weights, db_dir, budget, ntasks, builder, runner, db, cost_model, callbacks) -> None:
+    ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=db_dir, max_trials_global=budget,
+                       num_trials_per_iter=max(1, min(64, budget // ntasks)), builder=builder,
+                       runner=runner, database=db, cost_model=cost_model, measure_callbacks=callbacks,
+                       task_scheduler="gradient")
+
+
 def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_dir: str | None,
                  progress: bool = True) -> tuple[tvm.IRModule, dict]:
     from tvm.s_tir import meta_schedule as ms
@@ -138,21 +147,85 @@ def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_d
         budget = max(trials, len(todo))
         callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(budget, progress)]
         t0 = time.perf_counter()
-        ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=db_dir, max_trials_global=budget,
-                           num_trials_per_iter=max(1, min(64, budget // len(todo))), builder=builder,
-                           runner=runner, database=db, cost_model=cost_model, measure_callbacks=callbacks,
-                           task_scheduler="gradient")
+        # MetaSchedule copies its logger's level to a stdout handler: keep tables and per-trial lines
+        # out of the user's output (they still go to <db>/logs/*.log) unless logging was configured.
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        quiet = ms_logger.level == logging.NOTSET
+        if quiet:
+            ms_logger.setLevel(logging.ERROR)
+        try:
+            _tune(ms, ctxs, weights, db_dir, budget, len(todo), builder, runner, db, cost_model, callbacks)
+        finally:
+            if quiet:
+                ms_logger.setLevel(logging.NOTSET)
         if progress:
             sys.stderr.write("\n")
         info.update(trials=budget, tuned_now=len(todo), tune_s=round(time.perf_counter() - t0, 1),
                     search=f"{strategy}/{cost_model}")
     before = {gv.name_hint: f for gv, f in mod.functions_items()}
     with target, db:
-        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    applied = 0
-    for gv, f in list(mod.functions_items()):
-        if isinstance(f, tvm.tirx.PrimFunc) and not f.same_as(before.get(gv.name_hint)):
-            mod[gv] = f.with_attr("tirx.is_scheduled", True)
-            applied += 1
-    info["applied"] = applied
+        tuned = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    applied = [gv for gv, f in tuned.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and not f.same_as(before.get(gv.name_hint))]
+    keep = _keep_tuned(mod, tuned, applied, target, db_dir)
+    for gv in applied:
+        if keep[gv.name_hint]:
+            mod[gv] = tuned[gv].with_attr("tirx.is_scheduled", True)
+    info["applied"] = sum(keep.values())
+    info["kept_default"] = len(applied) - info["applied"]
     return mod, info
+
+
+# ---- tuned or default, per kernel ----------------------------------------------------------
+
+def _keep_tuned(mod, tuned, applied, target, db_dir) -> dict[str, bool]:
+    """Per tuned kernel: is the tuned schedule faster than prunec's default one on this machine?
+
+    A small trial budget can leave MetaSchedule's best record slower than the hand-written
+    default schedules, so tuning must never make a build slower: both are timed here, and the
+    verdict is cached in ``<db>/prunec_schedule_choice.json`` by kernel (structural hash), so a
+    repeat compile does not time again.  Without a device to time on (CUDA without a GPU) the
+    tuned schedule is kept.
+    """
+    import json
+
+    from . import tvm_schedule
+    if not applied:
+        return {}
+    dev = tvm.cpu(0) if target.kind.name == "llvm" else tvm.cuda(0)
+    if not dev.exist:
+        return {gv.name_hint: True for gv in applied}
+    path = os.path.join(db_dir, "prunec_schedule_choice.json")
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    defaults = tvm_schedule.schedule_module(tvm.IRModule({gv: mod[gv] for gv in applied}), target)
+    out = {}
+    for gv in applied:
+        key = str(tvm_ffi.structural_hash(mod[gv]))
+        if key not in cache:
+            t_tuned, t_default = _time_kernel(tuned[gv], target, dev), _time_kernel(defaults[gv], target, dev)
+            cache[key] = {"kernel": gv.name_hint, "tuned_ms": t_tuned, "default_ms": t_default}
+        c = cache[key]
+        out[gv.name_hint] = c["tuned_ms"] is not None and (c["default_ms"] is None or c["tuned_ms"] <= c["default_ms"])
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(cache, f, indent=1)
+    os.replace(tmp, path)
+    return out
+
+
+def _time_kernel(func, target, dev) -> float | None:
+    """Milliseconds per call of one PrimFunc on zero-filled (always in-bounds) inputs; None if it
+    cannot be built or its shapes are dynamic."""
+    import numpy as np
+
+    from .tvm_sparse import time_func
+    try:
+        # TVM 0.27: buffer parameters carry their shape and dtype themselves
+        args = [np.zeros([int(d) for d in buf.shape], str(buf.dtype)) for buf in func.params]
+        return time_func(func, target, args, dev) * 1e3
+    except Exception:  # noqa: BLE001 - an unbuildable candidate (or a dynamic shape) just loses
+        return None

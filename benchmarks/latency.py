@@ -14,33 +14,30 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
+from _timing import median_ms
 
 
 def _median_ms(fn, number=5, repeat=5) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        ts.append((time.perf_counter() - t0) / number)
-    return float(np.median(ts)) * 1e3
+    return median_ms(fn, number, repeat)
 
 
-def measure(name: str, pipeline: str, args) -> dict:
-    import torchvision
-
+def _compile(model, x, pipeline, **target_options):
     import prunec
+    t0 = time.perf_counter()
+    res = prunec.compile(model, (x,), passes=pipeline, target="llvm", in_place=True,
+                         target_options=target_options or None)
+    return res, time.perf_counter() - t0
+
+
+def measure(name: str, pipeline: str, args, tune: bool) -> dict:
+    import tempfile
+
+    import torchvision
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, 224, 224)
-    t0 = time.perf_counter()
-    res = prunec.compile(model, (x,), passes=pipeline, target="llvm", in_place=True,
-                         target_options={"tune_trials": args.tune_trials, "tuning_db": args.tuning_db}
-                         if args.tune_trials else None)
-    build_s = time.perf_counter() - t0
+    res, build_s = _compile(model, x, pipeline)
     eager = res.module if res.module is not None else res.program.module()
     row = {"flops": res.report["after"]["flops"], "build_s": build_s}
     with torch.no_grad():
@@ -54,7 +51,24 @@ def measure(name: str, pipeline: str, args) -> dict:
                 row["inductor"] = float("nan")
                 print(f"# inductor failed on {name}: {type(e).__name__}")
     row["tvm"] = res.artifact.load().time(x.numpy(), number=5, repeat=5) * 1e3
+    row["tuned"] = float("nan")
+    if tune:
+        # One database per (model, variant), under --tuning-db (reused by later runs) or fresh.
+        variant = "pruned" if pipeline else "dense"
+        db = os.path.join(args.tuning_db, f"{name}-{variant}") if args.tuning_db \
+            else tempfile.mkdtemp(prefix=f"tune-{name}-{variant}-")
+        opts = {"tune_trials": args.tune_trials, "tuning_db": db, "progress": False}
+        model = getattr(torchvision.models, name)().eval()
+        tuned, row["tune_build_s"] = _compile(model, x, pipeline, **opts)
+        row["tuned"] = tuned.artifact.load().time(x.numpy(), number=5, repeat=5) * 1e3
+        row["tuning"] = tuned.artifact.tuning
+        model = getattr(torchvision.models, name)().eval()
+        _, row["repeat_build_s"] = _compile(model, x, pipeline, **opts)  # records come from the database
     return row
+
+
+def _fmt(v: float) -> str:
+    return "–" if v != v else f"{v:.1f}"
 
 
 def main():
@@ -63,31 +77,41 @@ def main():
     ap.add_argument("--pipeline", default="fold-bn,prune-channels{ratio=0.5}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--inductor", action="store_true")
-    ap.add_argument("--tune-trials", type=int, default=0)
-    ap.add_argument("--tuning-db", default=None)
+    ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per (model, variant)")
+    ap.add_argument("--tune-models", default=None, help="comma list of models to tune (default: all)")
+    ap.add_argument("--tuning-db", default=None,
+                    help="directory of tuning databases, one per model-variant (default: fresh temporary ones)")
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
-    cols = ["eager"] + (["inductor"] if args.inductor else []) + ["tvm"]
-    tvm_label = f"TVM tuned ({args.tune_trials} trials)" if args.tune_trials else "TVM untuned"
-    labels = {"eager": "eager", "inductor": "inductor", "tvm": tvm_label}
+    tune_models = set((args.tune_models or args.models).split(",")) if args.tune_trials else set()
+    cols = ["eager"] + (["inductor"] if args.inductor else []) + ["tvm", "tuned"]
+    labels = {"eager": "eager", "inductor": "inductor", "tvm": "TVM untuned",
+              "tuned": f"TVM tuned ({args.tune_trials} trials)"}
     print(f"batch 1, {args.threads} threads, pipeline `{args.pipeline}`, times in ms (median)\n")
-    head = "| model | variant | GFLOPs | " + " | ".join(labels[c] for c in cols) + " | TVM vs eager | build s |"
+    head = ("| model | variant | GFLOPs | " + " | ".join(labels[c] for c in cols)
+            + " | best TVM vs eager | build s (untuned) | build s (tuning) | repeat build s |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     summary = []
     for name in args.models.split(","):
-        dense = measure(name, "", args)
-        pruned = measure(name, args.pipeline, args)
+        tune = name in tune_models
+        dense = measure(name, "", args, tune)
+        pruned = measure(name, args.pipeline, args, tune)
         for variant, r in (("dense", dense), ("pruned", pruned)):
-            print(f"| {name} | {variant} | {r['flops'] / 1e9:.2f} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
-                  + f" | {r['eager'] / r['tvm']:.2f}x | {r['build_s']:.0f} |", flush=True)
+            best = min(r["tvm"], r["tuned"]) if r["tuned"] == r["tuned"] else r["tvm"]
+            print(f"| {name} | {variant} | {r['flops'] / 1e9:.2f} | " + " | ".join(_fmt(r[c]) for c in cols)
+                  + f" | {r['eager'] / best:.2f}x | {r['build_s']:.0f} | {_fmt(r.get('tune_build_s', float('nan')))}"
+                  f" | {_fmt(r.get('repeat_build_s', float('nan')))} |", flush=True)
+            if "tuning" in r:
+                print(f"<!-- {name} {variant} tuning: {r['tuning']} -->", flush=True)
         fr = dense["flops"] / pruned["flops"]
         summary.append((name, fr, {c: dense[c] / pruned[c] for c in cols}))
     print("\n| model | FLOPs ratio | " + " | ".join(f"{labels[c]} speedup (of FLOPs ratio)" for c in cols) + " |")
     print("|" + "---|" * (2 + len(cols)))
     for name, fr, sp in summary:
-        print(f"| {name} | {fr:.2f}x | " + " | ".join(f"{sp[c]:.2f}x ({sp[c] / fr:.0%})" for c in cols) + " |")
+        print(f"| {name} | {fr:.2f}x | "
+              + " | ".join("–" if sp[c] != sp[c] else f"{sp[c]:.2f}x ({sp[c] / fr:.0%})" for c in cols) + " |")
 
 
 if __name__ == "__main__":

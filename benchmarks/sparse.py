@@ -14,17 +14,11 @@ import time
 
 import numpy as np
 import torch
+from _timing import median_ms
 
 
 def _median_ms(fn, number=20, repeat=7) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        ts.append((time.perf_counter() - t0) / number)
-    return float(np.median(ts)) * 1e3
+    return median_ms(fn, number, repeat)
 
 
 def _block_sparse(n, k, r, sparsity, rng):
@@ -34,7 +28,6 @@ def _block_sparse(n, k, r, sparsity, rng):
 
 
 def bench_linear(target, batches, sparsities, r=16):
-    import tvm
     from prunec.backends import tvm_sparse
     rng = np.random.default_rng(0)
     n, k = 3072, 768
@@ -46,11 +39,11 @@ def bench_linear(target, batches, sparsities, r=16):
             w = _block_sparse(n, k, r, sp, rng)
             data, idx, ptr = tvm_sparse.to_bsr(w, r)
             t0 = time.perf_counter()
-            ts = tvm_sparse._time(tvm_sparse.bsr_xwt(m, k, n, r, len(idx)), target,
+            ts = tvm_sparse.time_func(tvm_sparse.bsr_xwt(m, k, n, r, len(idx)), target,
                                   [x, data, idx, ptr, np.zeros((m, n), "float32")]) * 1e3
             build_s = time.perf_counter() - t0
             if dense_tvm is None:
-                dense_tvm = tvm_sparse._time(tvm_sparse._dense_matmul(m, k, n, target), target,
+                dense_tvm = tvm_sparse.time_func(tvm_sparse._dense_matmul(m, k, n, target), target,
                                              [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")]) * 1e3
             xt, wt = torch.from_numpy(x), torch.from_numpy(w)
             td = _median_ms(lambda: torch.nn.functional.linear(xt, wt))

@@ -22,14 +22,25 @@ def _model():
                                torch.nn.Linear(16 * 8 * 8, 10)).eval()
 
 
-def test_tune_then_reuse_database(tmp_path):
+@pytest.mark.parametrize("search", [("replay-trace", "random"), ("evolutionary", "xgb")])
+def test_tune_then_reuse_database(tmp_path, monkeypatch, search):
+    """Both search set-ups prunec picks from (with and without xgboost installed)."""
+    from prunec.backends import tvm_tune
+    if search[1] == "xgb":
+        import xgboost  # noqa: F401  (a test dependency: fail loudly, never skip)
+    monkeypatch.setattr(tvm_tune, "_search", lambda: search)
     model, x = _model(), torch.randn(1, 3, 8, 8)
     db = str(tmp_path / "db")
     res = prunec.compile(model, (x,), passes="", target="llvm",
                          target_options={"tune_trials": 8, "tuning_db": db, "progress": False})
     tuning = res.artifact.tuning
     assert tuning["tuned_now"] == tuning["kernels"] > 0 and tuning["from_db"] == 0
-    assert tuning["applied"] > 0, tuning  # at least one kernel runs a tuned schedule
+    # every tuned kernel was timed against prunec's default schedule and the faster one kept
+    assert tuning["applied"] + tuning["kept_default"] == tuning["kernels"], tuning
+    choice = json.load(open(os.path.join(db, "prunec_schedule_choice.json")))
+    assert len(choice) == tuning["kernels"]
+    assert sum(c["tuned_ms"] <= c["default_ms"] for c in choice.values()) == tuning["applied"]
+    assert tuning["search"] == "/".join(search)
     records = open(os.path.join(db, "database_tuning_record.json")).read().splitlines()
     assert len(records) >= tuning["kernels"] and all(json.loads(r) for r in records)
     with torch.no_grad():
@@ -40,6 +51,6 @@ def test_tune_then_reuse_database(tmp_path):
     again = prunec.compile(model, (x,), passes="", target="llvm",
                            target_options={"tune_trials": 8, "tuning_db": db, "progress": False})
     assert again.artifact.tuning["from_db"] == tuning["kernels"] and again.artifact.tuning["tuned_now"] == 0
-    assert again.artifact.tuning["applied"] == tuning["applied"]
+    assert again.artifact.tuning["applied"] == tuning["applied"]  # the cached choice, not timed again
     assert "tune_s" not in again.artifact.tuning
     assert max_rel_err(again.artifact.load()(x), [ref]) <= 1e-4
