@@ -67,7 +67,7 @@ def run(func, target, args):
     dev = tvm.cpu(0)
     targs = [tvm.runtime.tensor(a, dev) for a in args]
     lib["main"](*targs)
-    t = lib.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=20)(*targs)
+    t = lib.mod.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=20)(*targs)
     return float(np.median(t.results)) * 1e3, targs[-1].numpy()
 
 
