@@ -119,13 +119,24 @@ class RegisterTiledReduction(dl.ScheduleRule):
             if b.iter_vars[i].var.name not in used and ext[i] > 1:
                 raxis = i
                 break
-        # 1. epilogue into a local-accumulator write-back
+        # 1. epilogue into a local-accumulator write-back.  Inline the epilogue's inner blocks into
+        # their consumers first: a value read twice (SiLU: t * sigmoid(t)) cannot be reverse-inlined,
+        # and left behind as its own loop nest it broke TVM's FlattenBuffer (EfficientNet).
         cache = sch.cache_write(main, 0, "local")
-        for e in epi:
+        left = []
+        for e in epi[:-1]:
+            try:
+                sch.compute_inline(e)
+            except Exception:  # noqa: BLE001 - try reverse inlining below
+                left.append(e)
+        for e in left + epi[-1:]:
             try:
                 sch.reverse_compute_inline(e)
-            except Exception:  # noqa: BLE001 - keep it as its own kernel
-                pass
+            except Exception:  # noqa: BLE001
+                if left:  # a partly inlined chain would read values computed after it
+                    return None
+                # the last block alone (e.g. a broadcast SE gate) stays its own loop nest after the
+                # write-back; it reads only the finished reduction output
         # 2. tile
         v = _largest_divisor(ext[vaxis], self.vec)
         if v < 4 and ext[vaxis] > 16:

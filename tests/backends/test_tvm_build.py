@@ -116,9 +116,33 @@ def test_resnet18_pruned():
     build_and_compare(tv.models.resnet18(), (torch.randn(1, 3, 224, 224),), passes="fold-bn,prune-channels{ratio=0.5}")
 
 
-# EfficientNet-B0 is not listed: its build fails inside TVM 0.27's FlattenBuffer
-# ("T_add_intermediate is used before its definition"), even unscheduled (open in issue 5).
-_ZOO = ["mobilenet_v2", "convnext_tiny", "vit_b_16"]
+class SiLUSqueezeExcite(nn.Module):
+    """EfficientNet's block shape: conv + BN + SiLU (an epilogue that reads its input twice) and a
+    squeeze-excite gate (a 1x1 conv on 1x1 pixels whose epilogue broadcasts over the feature map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.SiLU(), nn.Conv2d(4, 16, 1),
+                                nn.Sigmoid())
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * self.se(y)
+
+
+def test_silu_and_squeeze_excite_epilogues():
+    # Partly inlined epilogues once produced kernels TVM's FlattenBuffer rejected
+    # ("T_add_intermediate is used before its definition") on every EfficientNet.
+    torch.manual_seed(0)
+    model = SiLUSqueezeExcite().eval()
+    with torch.no_grad():
+        model.conv[1].running_mean.uniform_(-1, 1)
+        model.conv[1].running_var.uniform_(0.5, 2)
+    build_and_compare(model, (torch.randn(1, 3, 16, 16),))
+
+
+_ZOO = ["mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
 
 
 @pytest.mark.zoo
