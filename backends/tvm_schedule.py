@@ -9,7 +9,7 @@ fused kernel, then dlight's CPU rules, then a parallel fallback:
   use, e.g. output channels of a convolution or rows of a matmul, times
   ``vec`` lanes of the innermost output axis), accumulated in a local buffer
   over the whole reduction, with the fused epilogue (bias, batch norm, ReLU,
-  residual add) applied when the tile is stored.  Outer tiles run in parallel.
+  SiLU, residual add) applied when the tile is stored.  Outer tiles run in parallel.
 * ``ParallelInjective``: element-wise/layout kernels: fused loops in parallel,
   innermost vectorized.
 
