@@ -126,7 +126,7 @@ def time_func(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray], dev=None)
     """Median seconds per call of one PrimFunc on ``target``."""
     func = func.with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target)
-    dev = dev or tvm.cpu(0)
+    dev = tvm.cpu(0) if dev is None else dev
     targs = [tvm.runtime.tensor(a, dev) for a in args]
     f = lib.mod.time_evaluator("main", dev, number=10, repeat=3, min_repeat_ms=20)
     return float(np.median(f(*targs).results))

@@ -114,13 +114,6 @@ def _progress_callback(total: int, enabled: bool):
     return _Progress()
 
 
-def _tune(ms, ctxs, weights, db_dir, budget, ntasks, builder, runner, db, cost_model, callbacks) -> None:
-    ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=db_dir, max_trials_global=budget,
-                       num_trials_per_iter=max(1, min(64, budget // ntasks)), builder=builder,
-                       runner=runner, database=db, cost_model=cost_model, measure_callbacks=callbacks,
-                       task_scheduler="gradient")
-
-
 def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_dir: str | None,
                  progress: bool = True) -> tuple[tvm.IRModule, dict]:
     from tvm.s_tir import meta_schedule as ms
@@ -154,7 +147,10 @@ def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_d
         if quiet:
             ms_logger.setLevel(logging.ERROR)
         try:
-            _tune(ms, ctxs, weights, db_dir, budget, len(todo), builder, runner, db, cost_model, callbacks)
+            ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=db_dir, max_trials_global=budget,
+                               num_trials_per_iter=max(1, min(64, budget // len(todo))), builder=builder,
+                               runner=runner, database=db, cost_model=cost_model, measure_callbacks=callbacks,
+                               task_scheduler="gradient")
         finally:
             if quiet:
                 ms_logger.setLevel(logging.NOTSET)
@@ -202,18 +198,20 @@ def _keep_tuned(mod, tuned, applied, target, db_dir) -> dict[str, bool]:
     except (OSError, ValueError):
         cache = {}
     defaults = tvm_schedule.schedule_module(tvm.IRModule({gv: mod[gv] for gv in applied}), target)
-    out = {}
+    out, timed = {}, False
     for gv in applied:
         key = str(tvm_ffi.structural_hash(mod[gv]))
         if key not in cache:
             t_tuned, t_default = _time_kernel(tuned[gv], target, dev), _time_kernel(defaults[gv], target, dev)
             cache[key] = {"kernel": gv.name_hint, "tuned_ms": t_tuned, "default_ms": t_default}
+            timed = True
         c = cache[key]
         out[gv.name_hint] = c["tuned_ms"] is not None and (c["default_ms"] is None or c["tuned_ms"] <= c["default_ms"])
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(cache, f, indent=1)
-    os.replace(tmp, path)
+    if timed:  # a repeat compile finds every verdict cached and writes nothing
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
     return out
 
 

@@ -11,6 +11,7 @@ speedup as a fraction of the FLOPs ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -18,8 +19,7 @@ import torch
 from _timing import median_ms
 
 
-def _median_ms(fn, number=5, repeat=5) -> float:
-    return median_ms(fn, number, repeat)
+_median_ms = functools.partial(median_ms, number=5, repeat=5)
 
 
 def _compile(model, x, pipeline, **target_options):
