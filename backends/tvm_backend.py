@@ -129,9 +129,19 @@ def lower(graph, inputs, target: tvm.target.Target, sparse: dict | None = None,
     return mod, report
 
 
-def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str | None = None,
+def _default_db_has_records(target) -> bool:
+    from .tvm_tune import default_db_dir
+    path = os.path.join(default_db_dir(target), "database_tuning_record.json")
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str | bool | None = None,
           parsed_target=None, sparse: dict | None = None, program=None, progress: bool = True) -> TVMArtifact:
-    """Build ``graph`` for ``target`` (text, TargetSpec or tvm Target)."""
+    """Build ``graph`` for ``target`` (text, TargetSpec or tvm Target).
+
+    ``tuning_db``: a MetaSchedule database directory; None uses the default one
+    (``tvm_tune.default_db_dir``) when an earlier tuning run left records there;
+    False ignores every database.  ``tune_trials`` > 0 tunes what it lacks."""
     from prunec.target import parse_target
     if isinstance(target, tvm.target.Target):
         tgt, text = target, json.dumps(_target_dict(target))
@@ -146,9 +156,10 @@ def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str 
     times["lower"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     tuning = {}
-    if tune_trials > 0 or tuning_db:
+    if tune_trials > 0 or tuning_db or (tuning_db is None and _default_db_has_records(tgt)):
+        # a plain compile picks up what an earlier --tune-trials run left in the default database
         from . import tvm_tune
-        mod, tuning = tvm_tune.apply_tuning(mod, tgt, tune_trials, tuning_db, progress=progress)
+        mod, tuning = tvm_tune.apply_tuning(mod, tgt, tune_trials, tuning_db or None, progress=progress)
     with tgt:
         mod = tvm_schedule.schedule_module(mod, tgt)
     times["schedule"] = round(time.perf_counter() - t0, 2)

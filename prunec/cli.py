@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-ir-after-change", action="store_true", help="print the IR after every pass that changed it")
     c.add_argument("--dump-dir", default=None, help="write the IR after every pass (and a reproducer on failure)")
     c.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (TVM targets)")
-    c.add_argument("--tuning-db", default=None, help="tuning database directory (TVM targets)")
+    c.add_argument("--tuning-db", default=None,
+                   help="tuning database directory (TVM targets; default: the per-target cache, used when it has records)")
+    c.add_argument("--no-tuning-db", action="store_true", help="ignore every tuning database (TVM targets)")
     c.add_argument("--quiet", action="store_true", help="no progress or table")
 
     i = sub.add_parser("inspect", help="print the IR summary: layers, params, FLOPs, channel groups")
@@ -111,6 +113,8 @@ def cmd_compile(args) -> int:
     _load_user_passes(args)
     n_passes = len(parse(args.passes).instantiate())  # reject a bad pipeline before any work
     tgt = parse_target(args.target, args.mcpu)
+    if args.no_tuning_db and (args.tuning_db or args.tune_trials):
+        raise UsageError("--no-tuning-db: drop it, or drop --tuning-db / --tune-trials (they contradict it)")
     if args.plan_out and os.path.exists(args.plan_out) and not args.force:
         raise UsageError(f"{args.plan_out}: file exists; pass --force to replace it")
     tmp = prepare_outdir(args.output, args.force)
@@ -125,7 +129,8 @@ def cmd_compile(args) -> int:
             insts.append(PrintIRAfterChange())
         options = {}
         if tgt.kind != "torch":
-            options = {"tune_trials": args.tune_trials, "tuning_db": args.tuning_db, "parsed_target": tgt}
+            options = {"tune_trials": args.tune_trials, "parsed_target": tgt,
+                       "tuning_db": False if args.no_tuning_db else args.tuning_db}
         result = compile(args.model, passes=args.passes, target=tgt.kind if tgt.kind == "torch" else args.target,
                          input_shapes=args.input_shape, trust_pickle=args.trust_pickle,
                          verify_each=not args.no_verify_each, instrumentations=insts,

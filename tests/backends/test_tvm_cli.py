@@ -109,3 +109,11 @@ def test_damaged_and_foreign_dirs(built, tmp_path):
 def test_unknown_target_is_a_usage_error(tmp_path):
     r = _prunec("compile", "x.pt2", "--target", "tpu", "-o", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown target" in r.stderr
+
+
+def test_contradicting_tuning_options_are_a_usage_error(built, tmp_path):
+    out = tmp_path / "o"
+    r = _prunec("compile", str(built[0] / "m.pt2"), "--target", "llvm", "--no-tuning-db", "--tune-trials", "4",
+                "-o", str(out))
+    assert r.returncode == 2 and "--no-tuning-db" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()

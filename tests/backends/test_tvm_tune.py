@@ -24,15 +24,19 @@ def _model():
 
 @pytest.mark.parametrize("search", [("replay-trace", "random"), ("evolutionary", "xgb")])
 def test_tune_then_reuse_database(tmp_path, monkeypatch, search):
-    """Both search set-ups prunec picks from (with and without xgboost installed)."""
-    from prunec.backends import tvm_tune
+    """Both search set-ups prunec picks from (with and without xgboost installed); the
+    replay-trace run uses the default database, which a later plain compile picks up."""
+    from prunec.backends import tvm_lower, tvm_tune
     if search[1] == "xgb":
         import xgboost  # noqa: F401  (a test dependency: fail loudly, never skip)
     monkeypatch.setattr(tvm_tune, "_search", lambda: search)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model, x = _model(), torch.randn(1, 3, 8, 8)
-    db = str(tmp_path / "db")
-    res = prunec.compile(model, (x,), passes="", target="llvm",
-                         target_options={"tune_trials": 8, "tuning_db": db, "progress": False})
+    use_default = search[0] == "replay-trace"
+    db = tvm_tune.default_db_dir(tvm_lower.to_target("llvm")) if use_default else str(tmp_path / "db")
+    options = {"tune_trials": 8, "progress": False} | ({} if use_default else {"tuning_db": db})
+    res = prunec.compile(model, (x,), passes="", target="llvm", target_options=options)
+    assert res.artifact.tuning["db"] == db
     tuning = res.artifact.tuning
     assert tuning["tuned_now"] == tuning["kernels"] > 0 and tuning["from_db"] == 0
     # every tuned kernel was timed against prunec's default schedule and the faster one kept
@@ -48,9 +52,14 @@ def test_tune_then_reuse_database(tmp_path, monkeypatch, search):
     assert max_rel_err(res.artifact.load()(x), [ref]) <= 1e-4
 
     # A repeat compile of the same workloads takes its schedules from the database: no tuning.
+    # With the default database that needs no option at all.
     again = prunec.compile(model, (x,), passes="", target="llvm",
-                           target_options={"tune_trials": 8, "tuning_db": db, "progress": False})
+                           target_options=None if use_default else {"tune_trials": 8, "tuning_db": db,
+                                                                    "progress": False})
     assert again.artifact.tuning["from_db"] == tuning["kernels"] and again.artifact.tuning["tuned_now"] == 0
     assert again.artifact.tuning["applied"] == tuning["applied"]  # the cached choice, not timed again
     assert "tune_s" not in again.artifact.tuning
     assert max_rel_err(again.artifact.load()(x), [ref]) <= 1e-4
+    if use_default:  # and --no-tuning-db (tuning_db=False) ignores it
+        plain = prunec.compile(model, (x,), passes="", target="llvm", target_options={"tuning_db": False})
+        assert plain.artifact.tuning == {}
