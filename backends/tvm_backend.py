@@ -38,6 +38,7 @@ class TVMArtifact:
     sparse_report: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
+    fast_math: bool = True
 
     def meta(self, pipeline: str = "") -> dict:
         import prunec
@@ -49,6 +50,7 @@ class TVMArtifact:
             "inputs": self.inputs, "outputs": self.outputs, "pipeline": pipeline,
             "prunec_version": prunec.__version__, "tvm_version": tvm.__version__,
             "sparse_layers": self.sparse_report, "build_seconds": self.timings, "tuning": self.tuning,
+            "fast_math": self.fast_math and self.target.kind.name == "llvm",
         }
 
     def save(self, outdir: str, result=None) -> None:
@@ -111,7 +113,7 @@ def _weight_names(graph) -> dict:
 
 
 def lower(graph, inputs, target: tvm.target.Target, sparse: dict | None = None,
-          program=None) -> tuple[tvm.IRModule, list[dict]]:
+          program=None, fast_math: bool = True) -> tuple[tvm.IRModule, list[dict]]:
     """The Relax module after prunec's passes, legalization and fusion (not yet scheduled)."""
     from prunec.backends.torch_backend import export_program
     if program is None:
@@ -119,7 +121,7 @@ def lower(graph, inputs, target: tvm.target.Target, sparse: dict | None = None,
     mod = tvm_lower.import_program(program)
     sparse = dict(sparse or {})
     sparse.setdefault("names", _weight_names(graph))
-    passes = tvm_lower.prunec_relax_passes(target, sparse)
+    passes = tvm_lower.prunec_relax_passes(target, sparse, fast_math)
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
         mod = tvm.transform.Sequential(tvm_lower.legalize_and_fuse())(mod)
@@ -136,12 +138,14 @@ def _default_db_has_records(target) -> bool:
 
 
 def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str | bool | None = None,
-          parsed_target=None, sparse: dict | None = None, program=None, progress: bool = True) -> TVMArtifact:
+          parsed_target=None, sparse: dict | None = None, program=None, progress: bool = True,
+          fast_math: bool = True) -> TVMArtifact:
     """Build ``graph`` for ``target`` (text, TargetSpec or tvm Target).
 
     ``tuning_db``: a MetaSchedule database directory; None uses the default one
     (``tvm_tune.default_db_dir``) when an earlier tuning run left records there;
-    False ignores every database.  ``tune_trials`` > 0 tunes what it lacks."""
+    False ignores every database.  ``tune_trials`` > 0 tunes what it lacks.  ``fast_math``: CPU
+    exp / erf / tanh (GELU, sigmoid, SiLU, softmax) as polynomials within ~3e-7 of exact."""
     from prunec.target import parse_target
     if isinstance(target, tvm.target.Target):
         tgt, text = target, json.dumps(_target_dict(target))
@@ -152,7 +156,7 @@ def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str 
         tgt, text = tvm_lower.to_target(spec), str(spec)
     times = {}
     t0 = time.perf_counter()
-    mod, sparse_report = lower(graph, inputs, tgt, sparse, program)
+    mod, sparse_report = lower(graph, inputs, tgt, sparse, program, fast_math)
     times["lower"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     tuning = {}
@@ -167,4 +171,4 @@ def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str 
     ex = tvm.compile(mod, tgt, relax_pipeline=tvm_lower.finalize_pipeline(tgt))
     times["codegen"] = round(time.perf_counter() - t0, 2)
     ins, outs = _io_specs(graph, inputs)
-    return TVMArtifact(ex, tgt, text, ins, outs, sparse_report, times, tuning)
+    return TVMArtifact(ex, tgt, text, ins, outs, sparse_report, times, tuning, fast_math)

@@ -317,12 +317,40 @@ class ParallelInjective(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         if not _has_root(sch):
             return None
+        _inline_elementwise_chain(sch)
         for blk in sch.get_child_blocks(sch.get_sblock("root")):
             try:
                 _parallel_vectorize(sch, blk, self.threads)
             except Exception:  # noqa: BLE001
                 pass
         return sch
+
+
+def _inline_elementwise_chain(sch) -> None:
+    """Inline every element-wise stage of an element-wise kernel into its consumer, so the kernel is
+    one pass over memory (legalized GELU was five passes: 7 ms instead of 1.5 on ViT-B's MLP).
+    Only stages as large as the kernel's output and without a reduction: inlining a small stage
+    into a broadcast would recompute it per output element."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if len(blocks) < 2:
+        return
+    out_size = _numel(sch.get(blocks[-1]).writes[0])
+    for blk in blocks[:-1]:
+        b = sch.get(blk)
+        if any(iv.iter_type != _DATA_PAR for iv in b.iter_vars) or len(b.writes) != 1 \
+                or _numel(b.writes[0]) != out_size:
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001 - e.g. a stage that writes a function output
+            pass
+
+
+def _numel(region) -> int:
+    n = 1
+    for d in region.source.shape:
+        n *= int(d)
+    return n
 
 
 def vector_lanes(target) -> int:

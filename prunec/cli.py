@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tuning-db", default=None,
                    help="tuning database directory (TVM targets; default: the per-target cache, used when it has records)")
     c.add_argument("--no-tuning-db", action="store_true", help="ignore every tuning database (TVM targets)")
+    c.add_argument("--no-fast-math", action="store_true",
+                   help="exact exp/erf/tanh instead of polynomial approximations (llvm target)")
     c.add_argument("--quiet", action="store_true", help="no progress or table")
 
     i = sub.add_parser("inspect", help="print the IR summary: layers, params, FLOPs, channel groups")
@@ -129,7 +131,7 @@ def cmd_compile(args) -> int:
             insts.append(PrintIRAfterChange())
         options = {}
         if tgt.kind != "torch":
-            options = {"tune_trials": args.tune_trials, "parsed_target": tgt,
+            options = {"tune_trials": args.tune_trials, "parsed_target": tgt, "fast_math": not args.no_fast_math,
                        "tuning_db": False if args.no_tuning_db else args.tuning_db}
         result = compile(args.model, passes=args.passes, target=tgt.kind if tgt.kind == "torch" else args.target,
                          input_shapes=args.input_shape, trust_pickle=args.trust_pickle,
