@@ -52,15 +52,16 @@ def _child(m, names):
     return next((getattr(m, n) for n in names if isinstance(getattr(m, n, None), torch.nn.Module)), None)
 
 
-def attention_widths(m: torch.nn.Module) -> tuple[int, int, int] | None:
+def attention_widths(m: torch.nn.Module, hd: int | None = None) -> tuple[int, int, int] | None:
     """(query heads, key/value heads, head width) of a Hugging Face style
-    attention module, read from its projection widths; None if it is not one."""
+    attention module, read from its projection widths and the head width
+    (``hd``, else its own attribute); None if it is not one."""
     if isinstance(m, torch.nn.MultiheadAttention):
         return None
     dim_attr = _first(m, DIM_ATTRS)
     if dim_attr is None or getattr(m, dim_attr) <= 0:
         return None
-    hd = getattr(m, dim_attr)
+    hd = hd or getattr(m, dim_attr)
     q, k, fused = _child(m, Q_NAMES), _child(m, K_NAMES), _child(m, FUSED_NAMES)
     if q is not None and _width(q):
         heads = _width(q) // hd
@@ -72,17 +73,34 @@ def attention_widths(m: torch.nn.Module) -> tuple[int, int, int] | None:
     return heads, kv, hd
 
 
-def sync_attention(module: torch.nn.Module) -> list[str]:
+def graph_head_widths(graph) -> dict[str, int]:
+    """Module path -> head width, read from the IR's attention ops and the module each was
+    traced in.  A projection width alone is ambiguous after head-width pruning (6 heads of 64
+    and 12 heads of 32 are both 384 wide)."""
+    from prunec.head_views import SDPA_OPS
+    out = {}
+    for n in graph.nodes:
+        stack = n.meta.get("stack") if n.op in SDPA_OPS else None
+        if stack and n.args[0].shape:
+            out[list(stack.values())[-1][0]] = n.args[0].shape[-1]
+    return out
+
+
+def sync_attention(module: torch.nn.Module, head_widths: dict | None = None) -> list[str]:
     """Hugging Face style attention and ``Conv1D.nf``; returns the names of the
-    attention modules it updated."""
+    attention modules it updated.  ``head_widths``: :func:`graph_head_widths`."""
     touched = []
+    head_widths = head_widths or {}
     for name, m in module.named_modules():
         if hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor):
             m.nf = m.weight.shape[1]
-        widths = attention_widths(m)
+        widths = attention_widths(m, head_widths.get(name))
         if widths is None:
             continue
         heads, kv, hd = widths
+        for a in DIM_ATTRS:  # head-width pruning changes it; the score scale attribute stays
+            if _is_int(getattr(m, a, None)):
+                setattr(m, a, hd)
         if _child(m, Q_NAMES) is None and hasattr(m, "split_size"):  # GPT-2's fused c_attn
             m.split_size = heads * hd
         for a in HEAD_ATTRS:
@@ -144,11 +162,26 @@ def _sync_swin(name: str, m) -> str | None:
     return None
 
 
-def sync_layers(module: torch.nn.Module) -> list[str]:
+def default_scale_problems(graph) -> list[str]:
+    """One line per attention that used SDPA's default scale and lost head width: the program keeps
+    1/sqrt(original width), but code that calls SDPA without ``scale=`` would use the new width."""
+    out = []
+    for n in graph.nodes:
+        width = n.meta.get("default_scale_of_width")
+        if width is None:
+            continue
+        where = list(n.meta["stack"].values())[-1][0] if n.meta.get("stack") else f"%{n.name}"
+        out.append(f"{where or 'module'}: its attention uses SDPA's default scale 1/sqrt(head width); the "
+                   f"program keeps 1/sqrt({width}) but this code would use 1/sqrt({n.args[0].shape[-1]}): "
+                   f"pass scale= explicitly (as Hugging Face models do) or prune whole heads instead")
+    return out
+
+
+def sync_layers(module: torch.nn.Module, graph=None) -> list[str]:
     """Update every attribute above; returns one problem line per module whose
     pruned widths its forward code cannot express (by attributes alone)."""
-    sync_attention(module)
-    problems = []
+    sync_attention(module, graph_head_widths(graph) if graph is not None else None)
+    problems = default_scale_problems(graph) if graph is not None else []
     for name, m in module.named_modules():
         problem = None
         if isinstance(m, torch.nn.MultiheadAttention):

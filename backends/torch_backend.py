@@ -137,7 +137,7 @@ def sync_attributes(module: torch.nn.Module, graph: Graph) -> list[str]:
         elif isinstance(m, torch.nn.Embedding):
             m.num_embeddings, m.embedding_dim = w.shape
     from .attention_attributes import sync_layers
-    return sync_layers(module)
+    return sync_layers(module, graph)
 
 
 def apply_to_module(module: torch.nn.Module, graph: Graph, example_inputs: tuple,

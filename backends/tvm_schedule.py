@@ -10,8 +10,13 @@ fused kernel, then dlight's CPU rules, then a parallel fallback:
   ``vec`` lanes of the innermost output axis), accumulated in a local buffer
   over the whole reduction, with the fused epilogue (bias, batch norm, ReLU,
   SiLU, residual add) applied when the tile is stored.  Outer tiles run in parallel.
-* ``ParallelInjective``: element-wise/layout kernels: fused loops in parallel,
-  innermost vectorized.
+  A matmul (one reduction axis, the vector operand indexed by plain loop variables) is tiled as
+  a GEMM instead: parallel strips of ``2 x vec`` columns, each packing its operand slice
+  contiguously and sweeping all rows in ``gemm_rows`` x ``2 x vec`` register tiles; ragged
+  column counts are zero-padded.  Pooling reads its input with a bounds check instead of a
+  padding pass.
+* ``ParallelInjective``: element-wise/layout kernels: element-wise stages inlined into one
+  pass, fused loops in parallel, innermost vectorized.
 
 Kernels already scheduled (prunec's sparse kernels, MetaSchedule records) are
 left alone.
@@ -137,9 +142,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
             if b.iter_vars[i].var.name not in used and ext[i] > 1:
                 raxis = i
                 break
-        # 1. epilogue into a local-accumulator write-back.  Inline the epilogue's inner blocks into
-        # their consumers first: a value read twice (SiLU: t * sigmoid(t)) cannot be reverse-inlined,
-        # and left behind as its own loop nest it broke TVM's FlattenBuffer (EfficientNet).
+        # 0. a matmul gets the GEMM tiling (its vector operand is packed per column strip)
         gemm = self._packable_operand(b, spatial, reduce, raxis, vec_reads)
         width, padded = 2 * self.vec, False
         if gemm is not None and ext[vaxis] > width and _largest_divisor(ext[vaxis], width) < self.vec:
@@ -172,7 +175,10 @@ class RegisterTiledReduction(dl.ScheduleRule):
                     pass
             epi = []
         else:
-            # a GEMM accumulates a whole column strip (every row x vec lanes) in one buffer
+            # 1. epilogue into the accumulator's write-back (a register tile, or for a GEMM a whole
+            # column strip).  Inline the epilogue's inner blocks into their consumers first: a value
+            # read twice (SiLU: t * sigmoid(t)) cannot be reverse-inlined, and left behind as its own
+            # loop nest it broke TVM's FlattenBuffer (EfficientNet).
             cache = sch.cache_write(main, 0, "local" if gemm is None else "global")
         left = []
         for e in epi[:-1]:
@@ -188,6 +194,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
                     return None
                 # the last block alone (e.g. a broadcast SE gate) stays its own loop nest after the
                 # write-back; it reads only the finished reduction output
+        # 2. tile
         if gemm is not None:
             self._tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm)
         else:
@@ -328,16 +335,16 @@ class ParallelInjective(dl.ScheduleRule):
 
 def _inline_elementwise_chain(sch) -> None:
     """Inline every element-wise stage of an element-wise kernel into its consumer, so the kernel is
-    one pass over memory (legalized GELU was five passes: 7 ms instead of 1.5 on ViT-B's MLP).
-    Only stages as large as the kernel's output and without a reduction: inlining a small stage
-    into a broadcast would recompute it per output element."""
+    one pass over memory instead of one per stage (legalized GELU had five).  Only stages as large
+    as the kernel's output and without a reduction: inlining a small stage into a broadcast would
+    recompute it per output element."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if len(blocks) < 2:
         return
     out_size = _numel(sch.get(blocks[-1]).writes[0])
     for blk in blocks[:-1]:
         b = sch.get(blk)
-        if any(iv.iter_type != _DATA_PAR for iv in b.iter_vars) or len(b.writes) != 1 \
+        if out_size is None or any(iv.iter_type != _DATA_PAR for iv in b.iter_vars) or len(b.writes) != 1 \
                 or _numel(b.writes[0]) != out_size:
             continue
         try:
@@ -346,9 +353,12 @@ def _inline_elementwise_chain(sch) -> None:
             pass
 
 
-def _numel(region) -> int:
+def _numel(region) -> int | None:
+    """Elements of the buffer a region belongs to (None for a symbolic shape)."""
     n = 1
     for d in region.source.shape:
+        if not isinstance(d, tirx.IntImm):
+            return None
         n *= int(d)
     return n
 

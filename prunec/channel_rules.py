@@ -322,8 +322,12 @@ def sdpa(ctx, n: Node) -> None:
         ctx.link(q, h, np.arange(hq), k, h, np.arange(hq) // (hq // hk))
     ctx.same(q, -2, out, -2)
     ctx.same(k, -2, v, -2)
-    for x, why in ((q, "head dimension"), (k, "head dimension"), (v, "head dimension"), (out, "head dimension")):
-        ctx.pin(x, -1, why + " (only whole heads are pruned)")
+    if ctx.b.head_dim:  # q . k contracts over the head width; the output has v's head width
+        ctx.same(q, -1, k, -1)  # (compaction keeps the scale at 1/sqrt(original width))
+        ctx.same(v, -1, out, -1)
+    else:
+        for x in (q, k, v, out):
+            ctx.pin(x, -1, "head dimension (whole heads are pruned; prune-channels{head-dim=true} prunes it)")
     if _t(mask):  # broadcast to [..., heads, L, S]
         off = _nd(out) - _nd(mask)
         for d in range(_nd(mask)):

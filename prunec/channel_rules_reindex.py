@@ -74,10 +74,20 @@ def view(ctx, n: Node) -> None:
         if len(real_i) == 1 and len(real_o) == 1:
             ctx.same(x, real_i[0], out, real_o[0])
             continue
-        # Split or merge: the outermost dim carries the channel; removing index c
-        # removes a contiguous block of the fused dim.  Inner dims cannot shrink.
         p = math.prod(x.shape[d] for d in real_i)
         f = np.arange(p)
+        if n.name in ctx.b.head_views:
+            # Attention heads in head-width mode: the innermost dim (the head width) carries the
+            # channel, element d of it standing for every h*D + d; the head count is pinned.
+            ii, oo = real_i[-1], real_o[-1]
+            ctx.link(x, ii, f % x.shape[ii], out, oo, f % out.shape[oo])
+            for d in real_i[:-1]:
+                ctx.pin(x, d, "head count (head-dim mode prunes head widths)")
+            for d in real_o[:-1]:
+                ctx.pin(out, d, "head count (head-dim mode prunes head widths)")
+            continue
+        # Split or merge: the outermost dim carries the channel; removing index c
+        # removes a contiguous block of the fused dim.  Inner dims cannot shrink.
         i0, o0 = real_i[0], real_o[0]
         ctx.link(x, i0, f // (p // x.shape[i0]), out, o0, f // (p // out.shape[o0]))
         for d in real_i[1:]:

@@ -95,8 +95,12 @@ def tensors_of(node: Node) -> list[Value]:
 
 
 class _Builder:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, head_dim: bool = False):
+        from .head_views import head_reshapes
         self.graph_tensors = graph.tensors
+        # head-width mode: these reshapes let the head width, not the head count, carry the channel
+        self.head_dim = head_dim
+        self.head_views = head_reshapes(graph) if head_dim else set()
         self.slots: list[tuple[Value, int]] = []
         self.slot_id: dict[tuple[int, int], int] = {}
         for v in graph.values():
@@ -169,9 +173,11 @@ class ChannelGraph:
         return f"{v!r}[{d}]"
 
 
-def build(graph: Graph, pins: list[str] = ()) -> ChannelGraph:
+def build(graph: Graph, pins: list[str] = (), head_dim: bool = False) -> ChannelGraph:
+    """The channel graph.  ``head_dim``: attention head widths are the channels (the same
+    dimensions removed from every head) and head counts are pinned; see prunec/head_views.py."""
     from .channel_rules import apply_rule
-    b = _Builder(graph)
+    b = _Builder(graph, head_dim)
     for v in list(graph.inputs) + list(graph.outputs):
         for d in range(len(v.shape)):
             b.pin_slot(b.slot_id[(id(v), d)], f"{v!r} is a graph {'input' if v in graph.inputs else 'output'}")

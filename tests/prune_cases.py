@@ -63,13 +63,15 @@ HF_MODELS = ["bert", "distilbert", "roberta", "gpt2", "llama-gqa", "t5", "bart",
 
 
 def check_pruned(model: torch.nn.Module, inputs: tuple, ratio: float = 0.5, criterion: str = "l1",
-                 require_module: bool = True) -> dict:
+                 require_module: bool = True, options: str = "") -> dict:
     """Prune at ``ratio`` and check everything the issue promises; returns numbers for reporting.
 
     1. the pruned model is smaller (params and FLOPs), runs and keeps its output shape;
     2. with ``exact=true`` (groups that feed no channel statistic) it equals the masked model;
     3. the program saves and loads again with the same outputs;
     4. ``ratio=0`` is bit-exact.
+
+    ``options``: more prune-channels options, e.g. ``",head-dim=true"``.
     """
     model.eval()
     original = copy.deepcopy(model)
@@ -81,7 +83,7 @@ def check_pruned(model: torch.nn.Module, inputs: tuple, ratio: float = 0.5, crit
     def run(passes, module=True):
         return compile_graph(traced.clone(), inputs, passes, module=copy.deepcopy(original) if module else None)
 
-    full = run(f"prune-channels{{ratio={ratio},criterion={criterion}}}")
+    full = run(f"prune-channels{{ratio={ratio},criterion={criterion}{options}}}")
     if require_module:  # otherwise the problems are reported and the program is still exact
         assert full.module is not None, full.module_problems
     rep = full.report
@@ -93,7 +95,7 @@ def check_pruned(model: torch.nn.Module, inputs: tuple, ratio: float = 0.5, crit
     if rep["passes"][0]["stats"].get("groups-inexact", 0) == 0:
         assert max_rel_error(out, _run(masked_copy(original, full.plan), inputs)) <= TOL
 
-    exact = run(f"prune-channels{{ratio={ratio},criterion={criterion},exact=true}}", module=False)
+    exact = run(f"prune-channels{{ratio={ratio},criterion={criterion},exact=true{options}}}", module=False)
     err = max_rel_error(exact(*inputs), _run(masked_copy(original, exact.plan), inputs)) if exact.plan["params"] else 0.0
     assert err <= TOL, f"compacted model differs from the masked model: {err:.2e}"
 
@@ -103,12 +105,13 @@ def check_pruned(model: torch.nn.Module, inputs: tuple, ratio: float = 0.5, crit
         again = torch.export.load(path).module()
         assert max_rel_error(_run(again, inputs), out) <= 1e-6
 
-    zero = run("prune-channels{ratio=0.0}", module=False)
+    zero = run(f"prune-channels{{ratio=0.0{options}}}", module=False)
     for a, b in zip(prunec.oracle.tensors(zero(*inputs)), prunec.oracle.tensors(dense_out)):
         assert torch.equal(a, b), "ratio=0 is not bit-exact"
     return {"params": (rep["before"]["params"], rep["after"]["params"]),
             "flops": (rep["before"]["flops"], rep["after"]["flops"]), "exact-error": err,
-            "exact-plan-tensors": len(exact.plan["params"]), "module-problems": full.module_problems}
+            "exact-plan-tensors": len(exact.plan["params"]), "module-problems": full.module_problems,
+            "module": full.module}
 
 
 def _run(model, inputs):

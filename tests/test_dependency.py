@@ -169,9 +169,10 @@ def test_channel_shuffle_is_not_pruned_across(native):
 
 
 class GQA(nn.Module):
-    def __init__(self, heads=4, kv=2, d=8):
+    def __init__(self, heads=4, kv=2, d=8, explicit_scale=False):
         super().__init__()
         self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv, d
+        self.scaling = d ** -0.5 if explicit_scale else None  # as Hugging Face attention does
         self.q = nn.Linear(32, heads * d)
         self.k = nn.Linear(32, kv * d)
         self.v = nn.Linear(32, kv * d)
@@ -182,7 +183,7 @@ class GQA(nn.Module):
         q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=self.scaling)
         return self.o(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -198,6 +199,49 @@ def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads():
     res = prune_and_check(m, x)
     assert res.module.k.out_features == 8 and res.module.q.out_features == 16
     assert (res.module.num_heads, res.module.num_key_value_heads) == (2, 1)
+
+
+def test_head_width_mode_couples_one_dimension_of_every_head():
+    m, x = GQA(explicit_scale=True), torch.randn(1, 5, 32)
+    g = prunec.trace(m, (x,))
+    cg = build(g, head_dim=True)
+    units = units_of(g, cg, "k.weight", 0)
+    # unit d = row d of each key/value head, and row d of each of the 4 query heads
+    assert sorted(units.values()) == [[d, d + 8] for d in range(8)]
+    for unit, idx in units.items():
+        d = idx[0]
+        assert members(g, cg, unit, "q.weight", 0) == [d, d + 8, d + 16, d + 24]
+        assert members(g, cg, unit, "v.weight", 0) == []  # v's width is its own channel
+    v_units = units_of(g, cg, "v.weight", 0)
+    for unit, idx in v_units.items():  # v's dim d feeds out_proj columns h*8 + d of every head
+        assert members(g, cg, unit, "o.weight", 1) == [idx[0] + 8 * h for h in range(4)]
+    res = prune_and_check(m, x, "prune-channels{ratio=0.5,head-dim=true}")
+    assert res.module.q.out_features == 16 and res.module.k.out_features == 8
+    assert res.module.head_dim == 4 and (res.module.num_heads, res.module.num_key_value_heads) == (4, 2)
+
+
+def test_head_width_pruning_keeps_the_default_scale():
+    # No explicit scale: SDPA would use 1/sqrt(4) after pruning; the program keeps 1/sqrt(8), and
+    # the module, whose code cannot express that, is named instead of silently changing the math
+    m, x = GQA(), torch.randn(1, 5, 32)
+    original = copy.deepcopy(m)
+    res = prunec.compile(m, (x,), passes="prune-channels{ratio=0.5,head-dim=true}")
+    sdpa = next(n for n in res.graph.nodes if n.op == "scaled_dot_product_attention")
+    assert sdpa.arg(6, "scale") == pytest.approx(8 ** -0.5) and sdpa.args[0].shape[-1] == 4
+    with torch.no_grad():
+        assert max_rel_error(res(x), masked_copy(original, res.plan)(x)) <= 1e-5
+    assert res.module is None
+    assert any("default scale" in p and "1/sqrt(8)" in p for p in res.module_problems), res.module_problems
+
+
+def test_head_width_mode_keeps_head_counts_and_plain_mode_keeps_widths():
+    m, x = GQA(), torch.randn(1, 5, 32)
+    g = prunec.trace(m, (x,))
+    plain, widths = build(g), build(g, head_dim=True)
+    assert len(units_of(g, plain, "k.weight", 0)) == 2   # two key/value heads
+    assert len(units_of(g, widths, "k.weight", 0)) == 8  # eight head-width dims
+    pinned = [why for why in widths.pin_reason.values() if "head count" in why]
+    assert pinned, "the head-count dims of the head reshapes are pinned in head-width mode"
 
 
 def test_unknown_op_is_a_barrier_named_in_the_report():

@@ -18,3 +18,21 @@ def test_torchvision_oracle(name):
 def test_transformer_oracle(name):
     model, inputs = hf_model(name)
     check_pruned(randomize_norms(model), inputs)
+
+
+_HEAD_WIDTH = {"bert": "attention_head_size", "llama-gqa": "head_dim", "gpt2": "head_dim"}
+
+
+@pytest.mark.parametrize("name", sorted(_HEAD_WIDTH))
+def test_head_width_oracle(name):
+    """prune-channels{head-dim=true}: the same dims of every head go; head counts stay; the
+    module's head-width attributes follow, and the module still matches the program."""
+    model, inputs = hf_model(name)
+    attn = [m for m in model.modules() if hasattr(m, _HEAD_WIDTH[name]) and hasattr(m, "scaling")]
+    before = [(getattr(m, _HEAD_WIDTH[name]), m.scaling) for m in attn]
+    res = check_pruned(randomize_norms(model), inputs, options=",head-dim=true")
+    pruned = [m for m in res["module"].modules() if hasattr(m, _HEAD_WIDTH[name]) and hasattr(m, "scaling")]
+    after = [(getattr(m, _HEAD_WIDTH[name]), m.scaling) for m in pruned]
+    assert len(after) == len(before) > 0
+    for (w0, s0), (w1, s1) in zip(before, after):
+        assert w1 < w0 and s1 == s0  # narrower heads, the original score scale

@@ -30,3 +30,10 @@ def test_segmentation(name):
 def test_hugging_face(name):
     model, inputs = hf_model(name)
     check_pruned(randomize_norms(model), inputs)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_hugging_face_head_width(name):
+    model, inputs = hf_model(name)
+    check_pruned(randomize_norms(model), inputs, options=",head-dim=true")
