@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--ir", action="store_true", help="also print the full IR")
+    i.add_argument("--head-dim", action="store_true",
+                   help="show the channel groups of head-width pruning (prune-channels{head-dim=true})")
 
     ps = sub.add_parser("passes", help="list registered passes and preset pipelines")
     ps.add_argument("--load-passes", action="append", default=[], metavar="FILE.py",
@@ -167,7 +169,7 @@ def cmd_inspect(args) -> int:
     _load_user_passes(args)
     loaded, inputs = prepare(args.model, None, args.input_shape, args.trust_pickle)
     graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs)
-    summary = summarize(graph)
+    summary = summarize(graph, head_dim=args.head_dim)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     else:

@@ -11,7 +11,8 @@ _LAYER_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "layer_norm
               "scaled_dot_product_attention", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 
-def summarize(graph: Graph) -> dict:
+def summarize(graph: Graph, head_dim: bool = False) -> dict:
+    """``head_dim``: show the groups of head-width mode (prune-channels{head-dim=true})."""
     cost = compute_cost(graph)
     layers = []
     for n in graph.nodes:
@@ -26,10 +27,10 @@ def summarize(graph: Graph) -> dict:
            "params": cost.params, "flops": cost.flops, "bytes": cost.bytes,
            "ops": dict(Counter(n.op for n in graph.nodes).most_common()), "layers": layers}
     try:
-        from .dependency import ChannelGroups, groups_summary
+        from .dependency import build, groups_summary
     except ImportError:
         return out
-    groups = ChannelGroups.run(graph, None)
+    groups = build(graph, head_dim=head_dim)
     out.update(groups_summary(groups))
     return out
 

@@ -29,3 +29,13 @@ def test_inspect_text_names_groups():
     p = _inspect("zoo_factories.models:small_cnn", "--input-shape", "1,3,8,8")
     assert p.returncode == 0, p.stderr
     assert "channel groups:" in p.stdout and "@5.weight[1]" in p.stdout
+
+
+def test_inspect_head_dim_shows_head_width_groups():
+    args = ("zoo_factories.models:tiny_attention", "--input-shape", "1,5,32", "--json")
+    heads, widths = (json.loads(p.stdout)["groups"] for p in (_inspect(*args), _inspect(*args, "--head-dim")))
+
+    def q_group(groups):
+        return next(g for g in groups if "@q.weight[0]" in g["members"])
+    assert q_group(heads)["prunable"] == 4 and "@k.weight[0]" in q_group(heads)["members"]  # whole heads
+    assert q_group(widths)["prunable"] == 8 and "@k.weight[0]" in q_group(widths)["members"]  # head widths

@@ -19,3 +19,22 @@ def not_a_module():
 
 
 INSTANCE = nn.Linear(3, 3)
+
+
+class _Attention(nn.Module):
+    """4 heads of 8 over a 32-wide input, scale passed explicitly."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, scale=8 ** -0.5)
+        return self.o(y.transpose(1, 2).reshape(b, t, 32))
+
+
+def tiny_attention() -> nn.Module:
+    torch.manual_seed(0)
+    return _Attention().eval()
