@@ -135,24 +135,25 @@ def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_d
         runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1))
         strategy, cost_model = _search()
         _import_tensor_intrinsics()
-        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted_tasks=todo, work_dir=db_dir, space="post-order-apply", strategy=strategy)
         budget = max(trials, len(todo))
         callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(budget, progress)]
         t0 = time.perf_counter()
-        # MetaSchedule copies its logger's level to a stdout handler: keep tables and per-trial lines
-        # out of the user's output (they still go to <db>/logs/*.log) unless logging was configured.
+        # MetaSchedule copies its logger's level to a stdout handler when it creates its loggers (in
+        # extracted_tasks_to_tune_contexts): keep tables and per-trial lines out of the user's output
+        # (they still go to <db>/logs/*.log) unless logging was configured.
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         quiet = ms_logger.level == logging.NOTSET
         if quiet:
             ms_logger.setLevel(logging.ERROR)
         try:
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                extracted_tasks=todo, work_dir=db_dir, space="post-order-apply", strategy=strategy)
             ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=db_dir, max_trials_global=budget,
                                num_trials_per_iter=max(1, min(64, budget // len(todo))), builder=builder,
                                runner=runner, database=db, cost_model=cost_model, measure_callbacks=callbacks,
                                task_scheduler="gradient")
         finally:
-            if quiet:
+            if quiet:  # MetaSchedule's logging config set it to DEBUG: back to "not configured"
                 ms_logger.setLevel(logging.NOTSET)
         if progress:
             sys.stderr.write("\n")

@@ -1,9 +1,11 @@
 """apply-plan: replay a pruning plan (JSON) on a fresh copy of the same architecture.
 
 The plan lists, per parameter or buffer, the removed indices along each
-dimension.  Replaying it removes the same units; a plan that removes only part
-of a coupled unit, or names a tensor or index the model lacks, is rejected
-(it was made for another architecture).
+dimension.  Replaying it removes the same units (channels and whole heads, or
+head widths for a plan made with ``prune-channels{head-dim=true}``); a plan that
+removes only part of a coupled unit, or names a tensor or index the model lacks,
+is rejected (it was made for another architecture).  A plan from a pipeline that
+pruned both whole heads and head widths cannot be replayed in one step.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import numpy as np
 
 from prunec.compaction import compact, tracker
-from prunec.dependency import ChannelGroups
+from prunec.dependency import ChannelGroups, build
 from prunec.errors import UsageError
 from prunec.registry import Option, PassResult, register_pass
 
@@ -64,7 +66,16 @@ def plan_units(graph, cg, plan: dict, path: str = "plan") -> np.ndarray:
 def apply_plan(graph, am, file):
     plan = load_plan(file)
     cg = am.get(ChannelGroups)
-    units = plan_units(graph, cg, plan, file)
+    try:
+        units = plan_units(graph, cg, plan, file)
+    except UsageError as first:
+        # a plan from prune-channels{head-dim=true} removes head-width units, which only the
+        # head-width analysis has
+        cg = build(graph, head_dim=True)
+        try:
+            units = plan_units(graph, cg, plan, file)
+        except UsageError:
+            raise first from None
     if not units.any():
         return PassResult(False, {"units-removed": 0})
     sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}

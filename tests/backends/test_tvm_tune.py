@@ -23,7 +23,7 @@ def _model():
 
 
 @pytest.mark.parametrize("search", [("replay-trace", "random"), ("evolutionary", "xgb")])
-def test_tune_then_reuse_database(tmp_path, monkeypatch, search):
+def test_tune_then_reuse_database(tmp_path, monkeypatch, capfd, search):
     """Both search set-ups prunec picks from (with and without xgboost installed); the
     replay-trace run uses the default database, which a later plain compile picks up."""
     from prunec.backends import tvm_lower, tvm_tune
@@ -37,6 +37,10 @@ def test_tune_then_reuse_database(tmp_path, monkeypatch, search):
     options = {"tune_trials": 8, "progress": False} | ({} if use_default else {"tuning_db": db})
     res = prunec.compile(model, (x,), passes="", target="llvm", target_options=options)
     assert res.artifact.tuning["db"] == db
+    # MetaSchedule's console logging stays out of the user's output (it goes to <db>/logs)
+    printed = capfd.readouterr().out
+    assert "task_scheduler" not in printed and "Logging directory" not in printed, printed[:300]
+    assert os.listdir(os.path.join(db, "logs"))
     tuning = res.artifact.tuning
     assert tuning["tuned_now"] == tuning["kernels"] > 0 and tuning["from_db"] == 0
     # every tuned kernel was timed against prunec's default schedule and the faster one kept

@@ -74,3 +74,18 @@ def test_cli_plan_out_then_apply_plan(tmp_path):
     b = json.loads((tmp_path / "b" / "report.json").read_text())
     assert a["after"]["params"] == b["after"]["params"] < a["before"]["params"]
     assert os.path.isfile(tmp_path / "b" / "model.pt2")
+
+
+def test_head_width_plan_replays(tmp_path):
+    from prune_cases import hf_model
+    torch.manual_seed(0)
+    model, ids = hf_model("llama-gqa")  # GQA + rotary embeddings
+    first = prunec.compile(model.eval(), ids, passes="prune-channels{ratio=0.5,head-dim=true}")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(first.plan))
+    torch.manual_seed(0)
+    fresh, _ = hf_model("llama-gqa")  # same seed, same weights
+    again = prunec.compile(fresh.eval(), ids, passes=f"apply-plan{{file={plan}}}")
+    assert again.plan == first.plan
+    assert torch.equal(again(*ids)[0], first(*ids)[0])
+    assert again.module is not None and again.module.layers[0].self_attn.head_dim == 8
