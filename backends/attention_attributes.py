@@ -82,8 +82,13 @@ def graph_head_widths(graph) -> dict[str, int]:
     for n in graph.nodes:
         stack = n.meta.get("stack") if n.op in SDPA_OPS else None
         if stack and n.args[0].shape:
-            out[list(stack.values())[-1][0]] = n.args[0].shape[-1]
+            out[_traced_in(n)] = n.args[0].shape[-1]
     return out
+
+
+def _traced_in(node) -> str:
+    """Path of the innermost module ``node`` was traced in (``nn_module_stack``)."""
+    return list(node.meta["stack"].values())[-1][0]
 
 
 def sync_attention(module: torch.nn.Module, head_widths: dict | None = None) -> list[str]:
@@ -170,7 +175,7 @@ def default_scale_problems(graph) -> list[str]:
         width = n.meta.get("default_scale_of_width")
         if width is None:
             continue
-        where = list(n.meta["stack"].values())[-1][0] if n.meta.get("stack") else f"%{n.name}"
+        where = _traced_in(n) if n.meta.get("stack") else f"%{n.name}"
         out.append(f"{where or 'module'}: its attention uses SDPA's default scale 1/sqrt(head width); the "
                    f"program keeps 1/sqrt({width}) but this code would use 1/sqrt({n.args[0].shape[-1]}): "
                    f"pass scale= explicitly (as Hugging Face models do) or prune whole heads instead")

@@ -37,6 +37,11 @@ def _largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
+def _reads_using(block, var: str) -> list:
+    """The block's read regions indexed with loop variable ``var``."""
+    return [r for r in block.reads if any(var in _vars_in(rg.min) for rg in r.region)]
+
+
 def _vars_in(expr) -> set:
     return {v.name for v in tirx.analysis.undefined_vars(expr)}
 
@@ -133,7 +138,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
         vvar = b.iter_vars[vaxis].var.name
         # the register axis: a spatial axis not used by the operand read with the vector axis
         raxis = None
-        vec_reads = [r for r in b.reads if any(vvar in _vars_in(rg.min) for rg in r.region)]
+        vec_reads = _reads_using(b, vvar)
         used = set()
         for r in vec_reads:
             for rg in r.region:
@@ -162,18 +167,11 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 b = sch.get(main)
                 loops = sch.get_loops(main)
                 ext = [int(sch.get(lp).extent) for lp in loops]
-                gemm = self._packable_operand(b, spatial, reduce, raxis, vec_reads=[
-                    r for r in b.reads if any(vvar in _vars_in(rg.min) for rg in r.region)])
+                gemm = self._packable_operand(b, spatial, reduce, raxis, _reads_using(b, vvar))
         if padded:
             # TVM would reverse-inline the epilogue over the padded columns and write past the output:
             # the main block accumulates in the padded buffer, crop + epilogue stay one parallel pass
             cache = None
-            for e in epi[:-1]:
-                try:
-                    sch.compute_inline(e)
-                except Exception:  # noqa: BLE001
-                    pass
-            epi = []
         else:
             # 1. epilogue into the accumulator's write-back (a register tile, or for a GEMM a whole
             # column strip).  Inline the epilogue's inner blocks into their consumers first: a value
@@ -186,7 +184,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 sch.compute_inline(e)
             except Exception:  # noqa: BLE001 - try reverse inlining below
                 left.append(e)
-        for e in left + epi[-1:] if not padded else []:
+        for e in left + epi[-1:] if cache is not None else []:
             try:
                 sch.reverse_compute_inline(e)
             except Exception:  # noqa: BLE001

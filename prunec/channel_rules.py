@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from .head_views import SDPA_OPS
 from .ir import Node, Value
 
 RULES: dict[str, Callable] = {}
@@ -303,7 +304,7 @@ def embedding(ctx, n: Node) -> None:
         ctx.same(idx, d, out, d)
 
 
-@rule("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu")
+@rule(*SDPA_OPS)
 def sdpa(ctx, n: Node) -> None:
     q, k, v = n.args[:3]
     out = n.outputs[0]

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .dependency import ChannelGraph
+from .head_views import SDPA_OPS
 from .ir import Graph, Node, Value
 
 
@@ -77,11 +78,12 @@ def _fix_node(n: Node, s: _Shrink) -> None:
             start, _, _ = slice_bounds(x.shape[dim], n.arg(2, "start"), n.arg(3, "end"), n.arg(4, "step", 1))
             new_start = s.new_index(x, dim, start)
             n.args = (x, dim, new_start, new_start + s.size(n.out, dim)) + tuple(n.args[4:])
-    elif op in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+    elif op in SDPA_OPS:
         q = n.args[0]
-        if len(s.removed(q, -1)) and n.arg(6 if op == "scaled_dot_product_attention" else 99, "scale") is None:
+        at = 6 if op == "scaled_dot_product_attention" else 99  # the CPU flash variant: keyword only
+        if len(s.removed(q, -1)) and n.arg(at, "scale") is None:
             # the default scale is 1/sqrt(head width): keep the original width's
-            n.set_arg(6 if op == "scaled_dot_product_attention" else 99, "scale", q.shape[-1] ** -0.5)
+            n.set_arg(at, "scale", q.shape[-1] ** -0.5)
             n.meta["default_scale_of_width"] = q.shape[-1]  # the module update names such modules
     elif op == "select":
         x = n.args[0]
