@@ -14,7 +14,8 @@ fused kernel, then dlight's CPU rules, then a parallel fallback:
   a GEMM instead: parallel strips of ``2 x vec`` columns, each packing its operand slice
   contiguously and sweeping all rows in ``gemm_rows`` x ``2 x vec`` register tiles; ragged
   column counts are zero-padded.  Pooling reads its input with a bounds check instead of a
-  padding pass.
+  padding pass.  A depthwise convolution (no axis to reuse an operand across) is tiled
+  over several output rows with its window unrolled, so the rows share input loads.
 * ``ParallelInjective``: element-wise/layout kernels: element-wise stages inlined into one
   pass, fused loops in parallel, innermost vectorized.
 
@@ -195,6 +196,8 @@ class RegisterTiledReduction(dl.ScheduleRule):
         # 2. tile
         if gemm is not None:
             self._tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm)
+        elif raxis is None and len(b.reads) >= 2 and len(spatial) >= 2 and cache is not None:
+            self._tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis)
         else:
             self._tile_conv(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis)
         # 3. prologue (padding, layout) and left-over epilogue kernels
@@ -253,6 +256,47 @@ class RegisterTiledReduction(dl.ScheduleRule):
             try:
                 sch.vectorize(sch.get_loops(blk)[-1])
             except Exception:  # noqa: BLE001 - a ragged tail: scalar copy
+                pass
+
+    def _tile_window(self, sch, main, cache, loops, ext, spatial, reduce, vaxis) -> None:
+        """Depthwise convolution: no output axis reuses an operand, so tile ``r`` output rows x
+        ``v`` columns and unroll the (small) window: after unrolling, rows share their input loads.
+        Vector widths divide the row (a guarded vector loop is left scalar by TVM).  MobileNetV2's
+        depthwise kernels ran about 2x faster than with one row and a rolled window."""
+        lanes = self.vec
+        width = ext[vaxis]
+        v = next((d for d in (2 * lanes, lanes) if width % d == 0), None) or _largest_divisor(width, 2 * lanes)
+        row = spatial[-2]
+        r = 4 if v <= lanes else 2  # about four vector registers of accumulators
+        r = r if ext[row] % r == 0 else 2 if ext[row] % 2 == 0 else 1
+        vo, vi = sch.split(loops[vaxis], [None, v])
+        outer = [loops[i] for i in spatial if i not in (vaxis, row)]
+        inner = []
+        if r > 1:
+            ro, ri = sch.split(loops[row], [None, r])
+            outer.append(ro)
+            inner.append(ri)
+        else:
+            outer.append(loops[row])
+        red_loops = [loops[i] for i in reduce]
+        sch.reorder(*outer, vo, *red_loops, *inner, vi)
+        par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(par)
+        window = 1
+        for i in reduce:
+            window *= ext[i]
+        if window <= 49:  # up to 7x7
+            for lp in red_loops:
+                sch.unroll(lp)
+        for lp in inner:
+            sch.unroll(lp)
+        sch.vectorize(vi)
+        sch.reverse_compute_at(cache, vo)
+        init = sch.decompose_reduction(main, red_loops[0])
+        for blk in (init, cache):
+            try:
+                sch.vectorize(sch.get_loops(blk)[-1])
+            except Exception:  # noqa: BLE001 - stays scalar
                 pass
 
     def _tile_conv(self, sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis) -> None:

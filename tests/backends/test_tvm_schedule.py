@@ -12,7 +12,7 @@ from torch import nn
 
 tvm = pytest.importorskip("tvm")
 
-from tvm import s_tir, te  # noqa: E402
+from tvm import s_tir, te, tirx  # noqa: E402
 
 from prunec.backends import tvm_lower, tvm_schedule  # noqa: E402
 
@@ -101,3 +101,48 @@ class PrimeLengthAttention(nn.Module):
 def test_prime_length_attention_model():
     torch.manual_seed(0)
     build_and_compare(PrimeLengthAttention(), (torch.randn(1, 37, 48),))
+
+
+def _depthwise(c: int, h: int, w: int, k: int, stride: int):
+    """relu(depthwise_conv(x, weight) + bias), padded to keep 'same' size at stride 1."""
+    pad = k // 2
+    x = te.placeholder((1, c, h, w), "float32", name="x")
+    wt = te.placeholder((c, 1, k, k), "float32", name="wt")
+    bias = te.placeholder((c,), "float32", name="bias")
+    xp = te.compute((1, c, h + 2 * pad, w + 2 * pad), lambda n, i, y, z: te.if_then_else(
+        te.all(y >= pad, y < h + pad, z >= pad, z < w + pad), x[n, i, y - pad, z - pad], 0.0), name="xp")
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    ry, rx = te.reduce_axis((0, k), name="ry"), te.reduce_axis((0, k), name="rx")
+    y = te.compute((1, c, oh, ow), lambda n, i, a, b: te.sum(
+        xp[n, i, a * stride + ry, b * stride + rx] * wt[i, 0, ry, rx], axis=[ry, rx]), name="y")
+    z = te.compute((1, c, oh, ow), lambda n, i, a, b: te.max(y[n, i, a, b] + bias[i], 0.0), name="z")
+    return te.create_prim_func([x, wt, bias, z])
+
+
+@pytest.mark.parametrize("shape", [
+    (4, 56, 56, 3, 1),   # rows tiled by 4, vectors of one register
+    (3, 32, 32, 3, 1),   # two-register vectors
+    (5, 28, 28, 5, 2),   # 5x5, stride 2, 14 columns
+    (6, 7, 7, 3, 1),     # odd rows: no row tile
+    (2, 13, 13, 3, 2),   # ragged everything
+])
+def test_depthwise_schedule_matches_torch(shape):
+    c, h, w, k, stride = shape
+    func, target = _schedule(_depthwise(c, h, w, k, stride))
+    # the window taps and the row tile are unrolled, the columns vectorized
+    sch = s_tir.Schedule(func)
+    update = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+              if any(iv.iter_type == 2 for iv in sch.get(b).iter_vars)]
+    kinds = [sch.get(lp).kind for lp in sch.get_loops(update[-1])] if update else []
+    assert update and kinds[-1] == tirx.ForKind.VECTORIZED, kinds
+    assert sum(kd == tirx.ForKind.UNROLLED for kd in kinds) >= 2, kinds
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, c, h, w)).astype("float32")
+    wt = rng.standard_normal((c, 1, k, k)).astype("float32")
+    bias = rng.standard_normal(c).astype("float32")
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(bias),
+                                                stride=stride, padding=k // 2, groups=c)).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), tvm.runtime.tensor(bias), out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
