@@ -146,3 +146,40 @@ def test_depthwise_schedule_matches_torch(shape):
     out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), tvm.runtime.tensor(bias), out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _conv(cin: int, cout: int, hw: int, k: int, stride: int):
+    """relu(conv(x, weight)), zero-padded by k // 2."""
+    pad = k // 2
+    x = te.placeholder((1, cin, hw, hw), "float32", name="x")
+    wt = te.placeholder((cout, cin, k, k), "float32", name="wt")
+    xp = te.compute((1, cin, hw + 2 * pad, hw + 2 * pad), lambda n, i, y, z: te.if_then_else(
+        te.all(y >= pad, y < hw + pad, z >= pad, z < hw + pad), x[n, i, y - pad, z - pad], 0.0), name="xp")
+    out = (hw + 2 * pad - k) // stride + 1
+    rc, ry, rx = te.reduce_axis((0, cin), "rc"), te.reduce_axis((0, k), "ry"), te.reduce_axis((0, k), "rx")
+    y = te.compute((1, cout, out, out), lambda n, o, a, b: te.sum(
+        xp[n, rc, a * stride + ry, b * stride + rx] * wt[o, rc, ry, rx], axis=[rc, ry, rx]), name="y")
+    z = te.compute((1, cout, out, out), lambda n, o, a, b: te.max(y[n, o, a, b], 0.0), name="z")
+    return te.create_prim_func([x, wt, z])
+
+
+@pytest.mark.parametrize("shape,split", [
+    ((3, 16, 32, 7, 2), True),    # a ResNet stem: the padded input is stored phase-split
+    ((8, 16, 16, 3, 2), True),
+    ((3, 8, 31, 7, 2), False),    # odd padded width (37): left as it is
+    ((4, 8, 16, 3, 1), False),    # stride 1: nothing to split
+])
+def test_strided_conv_schedule_matches_torch(shape, split):
+    cin, cout, hw, k, stride = shape
+    func, target = _schedule(_conv(cin, cout, hw, k, stride))
+    xp = [b for b in _blocks(func) if b.name_hint == "xp"][0]
+    assert (len(xp.writes[0].source.shape) == 5) == split, xp.writes[0].source.shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, cin, hw, hw)).astype("float32")
+    wt = rng.standard_normal((cout, cin, k, k)).astype("float32")
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride,
+                                                padding=k // 2)).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
