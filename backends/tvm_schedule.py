@@ -86,8 +86,14 @@ def _parallel_vectorize(sch, block, threads: int, vec_limit: int = 64) -> None:
         sch.parallel(outer)
         _, vi = sch.split(loops[-1], [None, _largest_divisor(ext[-1], 16)])
         sch.vectorize(vi)
+    elif len(loops) >= 2:
+        # no vector width divides the row (226, 113): rows in parallel, the row loop left to
+        # LLVM's vectorizer, which adds its own remainder loop; fusing everything and splitting
+        # by a divisor of the total would again put a div/mod per lane in the vector loop
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.parallel(outer)
     else:
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        fused = loops[0]
         total = 1
         for e in ext:
             total *= e
@@ -358,6 +364,12 @@ def _deinterleave_strided(sch, main, pro, vvar) -> None:
         imap = tirx.IndexMap.from_func(lambda *ix: (*ix[:-1], ix[-1] % stride, ix[-1] // stride), ndim=nd,
                                        index_dtype=str(width.ty))
         sch.transform_layout(main, ("read", i), imap)
+        for p in pro:  # the padding stage loops in its new layout: contiguous stores
+            if sch.get(p).writes[0].source.same_as(sch.get(main).reads[i].source):
+                try:
+                    sch.transform_block_layout(p, imap)
+                except Exception:  # noqa: BLE001 - keeps its loops
+                    pass
         return
 
 
