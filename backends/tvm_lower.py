@@ -106,10 +106,22 @@ def _np_fold(call, args):
     return np.ascontiguousarray(res.astype(out_dtype) if out_dtype else res)
 
 
+def _bool_cumsum_as_int(call):
+    """torch counts booleans in int64 (a Hugging Face causal mask's positions); TVM's frontend types
+    that cumsum bool, which no TVM kernel implements (LLaMA failed in VM codegen)."""
+    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.cumsum" and call.attrs.dtype is None):
+        return call
+    x = call.args[0]
+    if str(getattr(x.ty, "dtype", "")) != "bool":
+        return call
+    return relax.op.cumsum(relax.op.astype(x, "int64"), axis=call.attrs.axis, dtype="int64",
+                           exclusive=call.attrs.exclusive)
+
+
 @relax.expr_functor.mutator
 class _NumpyFolder(relax.PyExprMutator):
     def visit_call_(self, call):
-        call = super().visit_call_(call)
+        call = _bool_cumsum_as_int(super().visit_call_(call))
         args = []
         for a in call.args:
             if isinstance(a, relax.Var):
@@ -200,6 +212,7 @@ def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, f
 
 def legalize_and_fuse() -> list:
     return [
+        relax.backend.DispatchSortScan(),  # cumsum/sort/topk have no generic legalization
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

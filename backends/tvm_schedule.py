@@ -114,7 +114,9 @@ class RegisterTiledReduction(dl.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(sch.get_sblock("root") if _has_root(sch) else None)
+        if not _has_root(sch):  # a hand-written kernel (TVM's scan for cumsum): not a loop nest to tile
+            return None
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
         red = [b for b in blocks if any(iv.iter_type == _REDUCE for iv in sch.get(b).iter_vars)]
         if len(red) != 1 or not _simple_loops(sch, red[0]):
             return None

@@ -3,6 +3,7 @@ dense and after a pruning pipeline, measured side by side in one run.
 
     python benchmarks/latency.py [--models resnet18,resnet50,mobilenet_v2,vit_b_16]
         [--pipeline 'fold-bn,prune-channels{ratio=0.5}'] [--threads 2] [--inductor] [--tune-trials N]
+        [--rounds 7]
 
 Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
@@ -15,11 +16,12 @@ import functools
 import os
 import time
 
+import numpy as np
 import torch
 from _timing import median_ms
 
 
-_median_ms = functools.partial(median_ms, number=5, repeat=5)
+_median_ms = functools.partial(median_ms, number=5, repeat=3)
 
 
 def _compile(model, x, pipeline, **target_options):
@@ -30,7 +32,9 @@ def _compile(model, x, pipeline, **target_options):
     return res, time.perf_counter() - t0
 
 
-def measure(name: str, pipeline: str, args, tune: bool) -> dict:
+def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
+    """Compile one (model, variant); returns its row (FLOPs, build times) and one timer per column
+    (each returns ms per call, one measurement)."""
     import tempfile
 
     import torchvision
@@ -40,18 +44,24 @@ def measure(name: str, pipeline: str, args, tune: bool) -> dict:
     res, build_s = _compile(model, x, pipeline, tuning_db=False)  # untuned, whatever the default database holds
     eager = res.module if res.module is not None else res.program.module()
     row = {"flops": res.report["after"]["flops"], "build_s": build_s}
-    with torch.no_grad():
-        row["eager"] = _median_ms(lambda: eager(x))
-        if args.inductor:
-            try:
-                comp = torch.compile(eager)
+
+    def torch_timer(fn):
+        def timer():
+            with torch.no_grad():
+                return _median_ms(fn)
+        return timer
+
+    timers = {"eager": torch_timer(lambda: eager(x))}
+    if args.inductor:
+        try:
+            comp = torch.compile(eager)
+            with torch.no_grad():
                 comp(x)
-                row["inductor"] = _median_ms(lambda: comp(x))
-            except Exception as e:  # noqa: BLE001
-                row["inductor"] = float("nan")
-                print(f"# inductor failed on {name}: {type(e).__name__}")
-    row["tvm"] = res.artifact.load().time(x.numpy(), number=5, repeat=5) * 1e3
-    row["tuned"] = float("nan")
+            timers["inductor"] = torch_timer(lambda: comp(x))
+        except Exception as e:  # noqa: BLE001
+            print(f"# inductor failed on {name}: {type(e).__name__}")
+    untuned = res.artifact.load()
+    timers["tvm"] = lambda: untuned.time(x.numpy(), number=5, repeat=3) * 1e3
     if tune:
         # One database per (model, variant), under --tuning-db (reused by later runs) or fresh.
         variant = "pruned" if pipeline else "dense"
@@ -60,11 +70,24 @@ def measure(name: str, pipeline: str, args, tune: bool) -> dict:
         opts = {"tune_trials": args.tune_trials, "tuning_db": db, "progress": False}
         model = getattr(torchvision.models, name)().eval()
         tuned, row["tune_build_s"] = _compile(model, x, pipeline, **opts)
-        row["tuned"] = tuned.artifact.load().time(x.numpy(), number=5, repeat=5) * 1e3
         row["tuning"] = tuned.artifact.tuning
+        tuned_mod = tuned.artifact.load()
+        timers["tuned"] = lambda: tuned_mod.time(x.numpy(), number=5, repeat=3) * 1e3
         model = getattr(torchvision.models, name)().eval()
         _, row["repeat_build_s"] = _compile(model, x, pipeline, **opts)  # records come from the database
-    return row
+    return row, timers
+
+
+def measure_interleaved(variants: dict, rounds: int) -> None:
+    """Time every (variant, column) once per round, round after round, and keep each one's median:
+    drift on a shared machine then hits dense and pruned alike instead of skewing their ratio."""
+    samples = {(v, c): [] for v, (_, timers) in variants.items() for c in timers}
+    for _ in range(rounds):
+        for v, (_, timers) in variants.items():
+            for c, timer in timers.items():
+                samples[(v, c)].append(timer())
+    for (v, c), ts in samples.items():
+        variants[v][0][c] = float(np.median(ts))
 
 
 def _fmt(v: float) -> str:
@@ -79,6 +102,7 @@ def main():
     ap.add_argument("--inductor", action="store_true")
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per (model, variant)")
     ap.add_argument("--tune-models", default=None, help="comma list of models to tune (default: all)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median kept)")
     ap.add_argument("--tuning-db", default=None,
                     help="directory of tuning databases, one per model-variant (default: fresh temporary ones)")
     args = ap.parse_args()
@@ -88,7 +112,8 @@ def main():
     cols = ["eager"] + (["inductor"] if args.inductor else []) + ["tvm", "tuned"]
     labels = {"eager": "eager", "inductor": "inductor", "tvm": "TVM untuned",
               "tuned": f"TVM tuned ({args.tune_trials} trials)"}
-    print(f"batch 1, {args.threads} threads, pipeline `{args.pipeline}`, times in ms (median)\n")
+    print(f"batch 1, {args.threads} threads, pipeline `{args.pipeline}`, times in ms (median of {args.rounds} "
+          "interleaved rounds)\n")
     head = ("| model | variant | GFLOPs | " + " | ".join(labels[c] for c in cols)
             + " | best TVM vs eager | build s (untuned) | build s (tuning) | repeat build s |")
     print(head)
@@ -96,8 +121,12 @@ def main():
     summary = []
     for name in args.models.split(","):
         tune = name in tune_models
-        dense = measure(name, "", args, tune)
-        pruned = measure(name, args.pipeline, args, tune)
+        variants = {"dense": prepare(name, "", args, tune), "pruned": prepare(name, args.pipeline, args, tune)}
+        measure_interleaved(variants, args.rounds)
+        dense, pruned = (variants[v][0] for v in ("dense", "pruned"))
+        for r in (dense, pruned):
+            for c in cols:
+                r.setdefault(c, float("nan"))
         for variant, r in (("dense", dense), ("pruned", pruned)):
             best = min(r["tvm"], r["tuned"]) if r["tuned"] == r["tuned"] else r["tvm"]
             print(f"| {name} | {variant} | {r['flops'] / 1e9:.2f} | " + " | ".join(_fmt(r[c]) for c in cols)

@@ -205,3 +205,28 @@ def test_cuda_build_without_gpu_compiles():
     model, x = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval(), torch.randn(2, 16)
     art = tvm_backend.build(trace(model, (x,)), (x,), "cuda")
     assert art.meta()["device"] == "cuda"
+
+
+_HF = ["bert", "distilbert", "roberta", "gpt2", "llama-gqa", "t5", "bart", "vit"]
+
+
+def _hf_build(name: str, passes: str):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    pytest.importorskip("transformers")
+    from prune_cases import hf_model
+    model, inputs = hf_model(name)
+    build_and_compare(model, inputs, passes=passes)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "roberta"])
+def test_hf_decoder_and_position_ids(name):
+    """LLaMA's causal-mask positions are a cumsum of a bool tensor (int64 in torch, typed bool by TVM's
+    frontend); RoBERTa's position ids are a cumsum too, whose TVM kernel is a scan no loop rule tiles."""
+    _hf_build(name, "")
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", _HF)
+@pytest.mark.parametrize("passes", ["", "prune-channels{ratio=0.5}"])
+def test_zoo_hf(name, passes):
+    _hf_build(name, passes)
