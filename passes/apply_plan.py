@@ -69,12 +69,16 @@ def apply_plan(graph, am, file):
     try:
         units = plan_units(graph, cg, plan, file)
     except UsageError as first:
-        # a plan from prune-channels{head-dim=true} removes head-width units, which only the
-        # head-width analysis has
-        cg = build(graph, head_dim=True)
-        try:
-            units = plan_units(graph, cg, plan, file)
-        except UsageError:
+        # a plan from prune-channels{head-dim=true} or {packed-heads=true} removes units only
+        # those analyses have
+        for mode in ({"head_dim": True}, {"packed_heads": True}):
+            cg = build(graph, **mode)
+            try:
+                units = plan_units(graph, cg, plan, file)
+                break
+            except UsageError:
+                continue
+        else:
             raise first from None
     if not units.any():
         return PassResult(False, {"units-removed": 0})

@@ -36,6 +36,9 @@ OPTIONS = {
     "heads": Option(bool, True, "prune whole attention heads"),
     "head-dim": Option(bool, False, "prune attention head widths instead of whole heads: the same "
                        "dimensions in every head (head counts are kept)"),
+    "packed-heads": Option(bool, False, "also prune attention whose q/k/v come from one packed projection "
+                           "(timm ViT, nn.MultiheadAttention); those modules tie the attention width to "
+                           "their input width, so only the program, not the module, can follow"),
     "seed": Option(int, 0, "seed for criterion=random"),
     "exact": Option(bool, False, "only prune groups where compaction provably equals masking (skip groups "
                     "whose channels feed a layer/RMS norm, softmax or mean over the channel dimension)"),
@@ -210,9 +213,10 @@ def select_units(graph, cg, scores, ratio, scope, round_to, min_units, skip_grou
 
 @register_pass("prune-channels", summary="Remove whole channels, neurons and attention heads "
                "(dependency-aware structured pruning).", options=OPTIONS)
-def prune_channels(graph, am, ratio, criterion, scope, round_to, min_channels, ignore, heads, head_dim, seed,
-                   exact):
-    cg = build(graph, pins=ignore, head_dim=head_dim) if ignore or head_dim else am.get(ChannelGroups)
+def prune_channels(graph, am, ratio, criterion, scope, round_to, min_channels, ignore, heads, head_dim,
+                   packed_heads, seed, exact):
+    cg = build(graph, pins=ignore, head_dim=head_dim, packed_heads=packed_heads) \
+        if ignore or head_dim or packed_heads else am.get(ChannelGroups)
     scores = unit_scores(graph, cg, criterion, am, seed)
     skip = set() if heads else _head_groups(graph, cg)
     if exact:

@@ -86,6 +86,18 @@ def view(ctx, n: Node) -> None:
             for d in real_o[:-1]:
                 ctx.pin(out, d, "head count (head-dim mode prunes head widths)")
             continue
+        stack = ctx.b.stacked_views.get(n.name)
+        if stack is not None and len(real_i) == 1 and real_o[0] == stack:
+            # q/k/v packed in one projection, the stack axis only ever indexed: the dim after it
+            # carries the channel for every part alike (whole heads of q, k and v together; for
+            # [3E] -> [3, E] in nn.MultiheadAttention, element e of q, k and v)
+            ctx.pin(out, stack, "q/k/v stack index")
+            part = p // out.shape[stack]
+            o1 = real_o[1]
+            ctx.link(x, real_i[0], f, out, o1, (f % part) // (part // out.shape[o1]))
+            for d in real_o[2:]:
+                ctx.pin(out, d, "inner dimension of a reshape")
+            continue
         # Split or merge: the outermost dim carries the channel; removing index c
         # removes a contiguous block of the fused dim.  Inner dims cannot shrink.
         i0, o0 = real_i[0], real_o[0]

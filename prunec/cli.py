@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ir", action="store_true", help="also print the full IR")
     i.add_argument("--head-dim", action="store_true",
                    help="show the channel groups of head-width pruning (prune-channels{head-dim=true})")
+    i.add_argument("--packed-heads", action="store_true",
+                   help="show the groups with packed q/k/v projections split into heads "
+                        "(prune-channels{packed-heads=true})")
 
     ps = sub.add_parser("passes", help="list registered passes and preset pipelines")
     ps.add_argument("--load-passes", action="append", default=[], metavar="FILE.py",
@@ -169,7 +172,7 @@ def cmd_inspect(args) -> int:
     _load_user_passes(args)
     loaded, inputs = prepare(args.model, None, args.input_shape, args.trust_pickle)
     graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs)
-    summary = summarize(graph, head_dim=args.head_dim)
+    summary = summarize(graph, head_dim=args.head_dim, packed_heads=args.packed_heads)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     else:

@@ -95,12 +95,16 @@ def tensors_of(node: Node) -> list[Value]:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, head_dim: bool = False):
-        from .head_views import head_reshapes
+    def __init__(self, graph: Graph, head_dim: bool = False, packed_heads: bool = False):
+        from .head_views import head_reshapes, stacked_views
         self.graph_tensors = graph.tensors
         # head-width mode: these reshapes let the head width, not the head count, carry the channel
         self.head_dim = head_dim
         self.head_views = head_reshapes(graph) if head_dim else set()
+        # packed q/k/v projections (opt-in: their modules tie the attention width to the input
+        # width, so only the program can follow): the stack axis is an index, the parts carry
+        # the channel
+        self.stacked_views = stacked_views(graph) if head_dim or packed_heads else {}
         self.slots: list[tuple[Value, int]] = []
         self.slot_id: dict[tuple[int, int], int] = {}
         for v in graph.values():
@@ -173,11 +177,12 @@ class ChannelGraph:
         return f"{v!r}[{d}]"
 
 
-def build(graph: Graph, pins: list[str] = (), head_dim: bool = False) -> ChannelGraph:
+def build(graph: Graph, pins: list[str] = (), head_dim: bool = False, packed_heads: bool = False) -> ChannelGraph:
     """The channel graph.  ``head_dim``: attention head widths are the channels (the same
-    dimensions removed from every head) and head counts are pinned; see prunec/head_views.py."""
+    dimensions removed from every head) and head counts are pinned; ``packed_heads``: q/k/v packed
+    in one projection (timm, ``nn.MultiheadAttention``) lose heads too; see prunec/head_views.py."""
     from .channel_rules import apply_rule
-    b = _Builder(graph, head_dim)
+    b = _Builder(graph, head_dim, packed_heads)
     for v in list(graph.inputs) + list(graph.outputs):
         for d in range(len(v.shape)):
             b.pin_slot(b.slot_id[(id(v), d)], f"{v!r} is a graph {'input' if v in graph.inputs else 'output'}")

@@ -82,3 +82,75 @@ def _walk_forward(x: Value, width: int, consumers: dict, found: set) -> None:
                 found.add(m.name)
             elif m.op in _LAYOUT or (m.op in _VIEWS and m.outputs[0].shape[-1:] == (width,)):
                 stack.append((m.outputs[0], depth + 1))
+
+
+_FOLLOW = {"contiguous", "clone", "_to_copy", "alias", "detach"}
+
+
+def stacked_views(graph: Graph) -> dict[str, int]:
+    """{reshape node name: output dim of its stack axis} for every reshape that splits one dim into
+    a small stack axis followed by the parts, where every use of the stack axis is an index."""
+    from .channel_rules_reindex import reshape_groups
+    consumers = defaultdict(list)
+    for n in graph.nodes:
+        for v in n.inputs():
+            consumers[id(v)].append(n)
+    out_dims: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op not in _VIEWS or not n.args or not isinstance(n.args[0], Value):
+            continue
+        x, out = n.args[0], n.outputs[0]
+        if not x.shape or not out.shape:
+            continue
+        for real_i, real_o in _split_groups(reshape_groups(x.shape, out.shape), x.shape, out.shape):
+            s = real_o[0]
+            if 2 <= out.shape[s] <= 4 and _only_indexed(out, s, consumers, graph):
+                out_dims[n.name] = s
+    return out_dims
+
+
+def _split_groups(groups, src, dst):
+    for I, O in groups:
+        real_i = [d for d in I if src[d] > 1]
+        real_o = [d for d in O if dst[d] > 1]
+        if len(real_i) == 1 and len(real_o) >= 2:
+            yield real_i, real_o
+
+
+def _only_indexed(v: Value, d: int, consumers: dict, graph: Graph, depth: int = 0) -> bool:
+    """Every path from ``v`` ends in a select or unbind of dim ``d`` (through layout ops)."""
+    if depth > _MAX_DEPTH or any(o is v for o in graph.outputs):
+        return False
+    uses = consumers.get(id(v), ())
+    if not uses:
+        return False
+    for m in uses:
+        nd = len(v.shape)
+        if m.op in _FOLLOW:
+            nxt = d
+        elif m.op == "permute":
+            nxt = [p % nd for p in m.args[1]].index(d)
+        elif m.op in ("transpose", "swapaxes"):
+            a, b = m.args[1] % nd, m.args[2] % nd
+            nxt = b if d == a else a if d == b else d
+        elif m.op == "unsqueeze":
+            u = m.args[1] % (nd + 1)
+            nxt = d + 1 if u <= d else d
+        elif m.op == "squeeze" and len(m.args) > 1:
+            dims = m.args[1] if isinstance(m.args[1], (list, tuple)) else [m.args[1]]
+            dims = [q % nd for q in dims if v.shape[q % nd] == 1]
+            if d in dims:
+                return False
+            nxt = d - sum(q < d for q in dims)
+        elif m.op == "select" and m.args[0] is v:
+            sd = m.args[1] % nd
+            if sd == d:
+                continue
+            nxt = d - (sd < d)
+        elif m.op == "unbind" and m.args[0] is v and m.arg(1, "dim", 0) % nd == d:
+            continue
+        else:
+            return False
+        if not _only_indexed(m.outputs[0], nxt, consumers, graph, depth + 1):
+            return False
+    return True

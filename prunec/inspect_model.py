@@ -11,8 +11,8 @@ _LAYER_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "layer_norm
               "scaled_dot_product_attention", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 
-def summarize(graph: Graph, head_dim: bool = False) -> dict:
-    """``head_dim``: show the groups of head-width mode (prune-channels{head-dim=true})."""
+def summarize(graph: Graph, head_dim: bool = False, packed_heads: bool = False) -> dict:
+    """``head_dim`` / ``packed_heads``: show the groups of those prune-channels modes."""
     cost = compute_cost(graph)
     layers = []
     for n in graph.nodes:
@@ -30,7 +30,7 @@ def summarize(graph: Graph, head_dim: bool = False) -> dict:
         from .dependency import build, groups_summary
     except ImportError:
         return out
-    groups = build(graph, head_dim=head_dim)
+    groups = build(graph, head_dim=head_dim, packed_heads=packed_heads)
     out.update(groups_summary(groups))
     return out
 

@@ -280,3 +280,67 @@ def test_concatenated_branches_each_keep_their_share():
     assert res.module.a.out_channels == 2 and res.module.b.out_channels == 2 and res.module.c.in_channels == 4
     res = prunec.compile(ConcatBranches(), (x,), passes="prune-channels{ratio=0.9,scope=global}")
     assert res.graph.consts["b.weight"].shape[0] >= 1 and res.graph.consts["a.weight"].shape[0] >= 1
+
+
+class PackedQKV(nn.Module):
+    """timm-style attention: one qkv projection, split as reshape(B, N, 3, H, D) + permute + unbind."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1)) + x
+
+
+def _prunable_rows(g, cg, param):
+    s = cg.slot_of(g.consts[param], 0)
+    labels = cg.slot_labels(s)
+    return sorted(np.nonzero(~cg.unit_pinned[labels])[0].tolist())
+
+
+@pytest.mark.parametrize("packed", [PackedQKV, None])
+def test_packed_qkv_loses_whole_heads_of_q_k_and_v_together(packed):
+    d, h = 32, 4
+    if packed is None:  # nn.MultiheadAttention: in_proj output unflattened to [3, E], then select
+        m = nn.TransformerEncoderLayer(d, h, 64, dropout=0.0, batch_first=True).eval()
+        w, out = "self_attn.in_proj_weight", "self_attn.out_proj.weight"
+    else:
+        m, w, out = packed(d, h).eval(), "qkv.weight", "proj.weight"
+    x = torch.randn(1, 6, d)
+    g = prunec.trace(m, (x,))
+    assert _prunable_rows(g, build(g), w) == []  # by default the packed projection is left whole
+    cg = build(g, packed_heads=True)
+    units = units_of(g, cg, w, 0)
+    heads = [idx for idx in units.values() if len(idx) == 3 * d // h]
+    # one unit per head: its rows in q, k and v alike, and its columns of the output projection
+    assert sorted(heads) == [[i * d + hh * 8 + r for i in range(3) for r in range(8)] for hh in range(h)]
+    for unit, idx in units.items():
+        if idx in heads:
+            hh = idx[0] // 8
+            assert members(g, cg, unit, out, 1) == list(range(hh * 8, hh * 8 + 8))
+    original = copy.deepcopy(m)
+    res = prunec.compile(m, (x,), passes="prune-channels{ratio=0.5,packed-heads=true}", in_place=False)
+    assert res.graph.consts[w].shape[0] < 3 * d
+    with torch.no_grad():
+        assert max_rel_error(res(x), masked_copy(original, res.plan)(x)) <= 1e-5
+
+
+def test_a_stack_axis_that_is_not_only_indexed_is_not_a_packed_projection():
+    class Summed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 24)
+
+        def forward(self, x):
+            return self.a(x).reshape(1, 3, 2, 4).sum(1)
+
+    from prunec.head_views import stacked_views
+    g = prunec.trace(Summed().eval(), (torch.randn(1, 8),))
+    assert stacked_views(g) == {}

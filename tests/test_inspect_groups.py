@@ -39,3 +39,13 @@ def test_inspect_head_dim_shows_head_width_groups():
         return next(g for g in groups if "@q.weight[0]" in g["members"])
     assert q_group(heads)["prunable"] == 4 and "@k.weight[0]" in q_group(heads)["members"]  # whole heads
     assert q_group(widths)["prunable"] == 8 and "@k.weight[0]" in q_group(widths)["members"]  # head widths
+
+
+def test_inspect_packed_heads_shows_the_in_proj_split_into_heads():
+    args = ("zoo_factories.models:tiny_encoder_layer", "--input-shape", "1,5,32", "--json")
+    plain, packed = (json.loads(p.stdout)["groups"] for p in (_inspect(*args), _inspect(*args, "--packed-heads")))
+
+    def in_proj(groups):
+        return [g for g in groups if "@self_attn.in_proj_weight[0]" in g["members"]]
+    assert all(g["prunable"] == 0 for g in in_proj(plain))  # packed: left whole by default
+    assert any(g["prunable"] == 4 and "@self_attn.out_proj.weight[1]" in g["members"] for g in in_proj(packed))

@@ -36,3 +36,15 @@ def test_head_width_oracle(name):
     assert len(after) == len(before) > 0
     for (w0, s0), (w1, s1) in zip(before, after):
         assert w1 < w0 and s1 == s0  # narrower heads, the original score scale
+
+
+def test_packed_heads_oracle_torchvision_vit():
+    """torchvision's ViT packs q/k/v into nn.MultiheadAttention's in_proj: with packed-heads=true
+    whole heads go, and at one ratio for every group the module keeps embed_dim == q/k/v width."""
+    torch.manual_seed(0)
+    model = randomize_norms(torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    res = check_pruned(model, (x,), options=",packed-heads=true")
+    attn = res["module"].encoder.layers[0].self_attention
+    assert attn.num_heads == 2 and attn.in_proj_weight.shape == (96, 32), (attn.num_heads, attn.in_proj_weight.shape)

@@ -89,3 +89,19 @@ def test_head_width_plan_replays(tmp_path):
     assert again.plan == first.plan
     assert torch.equal(again(*ids)[0], first(*ids)[0])
     assert again.module is not None and again.module.layers[0].self_attn.head_dim == 8
+
+
+def test_packed_heads_plan_replays(tmp_path):
+    from torch import nn
+    x = torch.randn(1, 5, 32)
+
+    def layer():
+        torch.manual_seed(0)
+        return nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    first = prunec.compile(layer(), (x,), passes="prune-channels{ratio=0.5,packed-heads=true}")
+    assert first.plan["params"]["self_attn.in_proj_weight"]["0"], "no head was removed"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(first.plan))
+    again = prunec.compile(layer(), (x,), passes=f"apply-plan{{file={plan}}}")
+    assert again.plan == first.plan
+    assert torch.equal(again(x), first(x))

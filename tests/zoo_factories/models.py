@@ -38,3 +38,9 @@ class _Attention(nn.Module):
 def tiny_attention() -> nn.Module:
     torch.manual_seed(0)
     return _Attention().eval()
+
+
+def tiny_encoder_layer() -> nn.Module:
+    """nn.TransformerEncoderLayer: q/k/v packed in nn.MultiheadAttention's in_proj."""
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
