@@ -278,35 +278,11 @@ class RegisterTiledReduction(dl.ScheduleRule):
         row = spatial[-2]
         r = 4 if v <= lanes else 2  # about four vector registers of accumulators
         r = r if ext[row] % r == 0 else 2 if ext[row] % 2 == 0 else 1
-        vo, vi = sch.split(loops[vaxis], [None, v])
-        outer = [loops[i] for i in spatial if i not in (vaxis, row)]
-        inner = []
-        if r > 1:
-            ro, ri = sch.split(loops[row], [None, r])
-            outer.append(ro)
-            inner.append(ri)
-        else:
-            outer.append(loops[row])
-        red_loops = [loops[i] for i in reduce]
-        sch.reorder(*outer, vo, *red_loops, *inner, vi)
-        par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(par)
         window = 1
         for i in reduce:
             window *= ext[i]
-        if window <= 49:  # up to 7x7
-            for lp in red_loops:
-                sch.unroll(lp)
-        for lp in inner:
-            sch.unroll(lp)
-        sch.vectorize(vi)
-        sch.reverse_compute_at(cache, vo)
-        init = sch.decompose_reduction(main, red_loops[0])
-        for blk in (init, cache):
-            try:
-                sch.vectorize(sch.get_loops(blk)[-1])
-            except Exception:  # noqa: BLE001 - stays scalar
-                pass
+        _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, row, r,
+                       serial_columns=True, unroll_window=window <= 49)  # up to 7x7
 
     def _tile_conv(self, sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis) -> None:
         v = _largest_divisor(ext[vaxis], self.vec)
@@ -315,36 +291,43 @@ class RegisterTiledReduction(dl.ScheduleRule):
         r = _largest_divisor(ext[raxis], self.reg) if raxis is not None else 1
         if raxis is not None and r * 2 <= self.reg and ext[raxis] > self.reg:
             r = self.reg  # ragged (197 tokens is prime): a guarded tail tile beats no register tile
-        vo, vi = sch.split(loops[vaxis], [None, v])
-        outer, inner = [], []
-        for i in spatial:
-            if i == vaxis:
+        _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r)
+
+
+def _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r, serial_columns=False,
+                   unroll_window=False) -> None:
+    """Tile the output into ``r`` (along ``raxis``) x ``v`` (vector lanes along ``vaxis``) accumulators
+    kept over the whole reduction, outer tiles in parallel; the accumulator is written back (with the
+    inlined epilogue) per tile, or with ``serial_columns`` per column tile inside a parallel row."""
+    vo, vi = sch.split(loops[vaxis], [None, v])
+    outer, inner = [], []
+    for i in spatial:
+        if i == vaxis:
+            if not serial_columns:
                 outer.append(vo)
-            elif i == raxis and r > 1:
-                ro, ri = sch.split(loops[i], [None, r])
-                outer.append(ro)
-                inner.append(ri)
-            else:
-                outer.append(loops[i])
-        red_loops = [loops[i] for i in reduce]
-        sch.reorder(*outer, *red_loops, *inner, vi)
-        par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(par)
-        for lp in inner:
-            sch.unroll(lp)
-        sch.vectorize(vi)
-        sch.reverse_compute_at(cache, par)
-        init = sch.decompose_reduction(main, red_loops[0])
+        elif i == raxis and r > 1:
+            ro, ri = sch.split(loops[i], [None, r])
+            outer.append(ro)
+            inner.append(ri)
+        else:
+            outer.append(loops[i])
+    red_loops = [loops[i] for i in reduce]
+    sch.reorder(*outer, *([vo] if serial_columns else []), *red_loops, *inner, vi)
+    par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(par)
+    for lp in (red_loops if unroll_window else []) + inner:
+        sch.unroll(lp)
+    sch.vectorize(vi)
+    sch.reverse_compute_at(cache, vo if serial_columns else par)
+    init = sch.decompose_reduction(main, red_loops[0])
+    for blk in (init, cache):
+        blk_loops = sch.get_loops(blk)
+        if len(blk_loops) < 2 and blk is cache and not serial_columns:
+            continue  # the write-back is the parallel loop itself
         try:
-            sch.vectorize(sch.get_loops(init)[-1])
-        except Exception:  # noqa: BLE001
+            sch.vectorize(blk_loops[-1])
+        except Exception:  # noqa: BLE001 - a ragged tail: stays scalar
             pass
-        cl = sch.get_loops(cache)
-        if len(cl) > 1:
-            try:
-                sch.vectorize(cl[-1])
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def _deinterleave_strided(sch, main, pro, vvar) -> None:
