@@ -3,7 +3,7 @@ dense and after a pruning pipeline, measured side by side in one run.
 
     python benchmarks/latency.py [--models resnet18,resnet50,mobilenet_v2,vit_b_16]
         [--pipeline 'fold-bn,prune-channels{ratio=0.5}'] [--threads 2] [--inductor] [--tune-trials N]
-        [--rounds 7]
+        [--rounds 7] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR]
 
 Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--inductor", action="store_true")
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per (model, variant)")
     ap.add_argument("--tune-models", default=None, help="comma list of models to tune (default: all)")
+    ap.add_argument("--tune-variants", default="dense,pruned", help="which variants to tune (default: both)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median kept)")
     ap.add_argument("--tuning-db", default=None,
                     help="directory of tuning databases, one per model-variant (default: fresh temporary ones)")
@@ -121,7 +122,9 @@ def main():
     summary = []
     for name in args.models.split(","):
         tune = name in tune_models
-        variants = {"dense": prepare(name, "", args, tune), "pruned": prepare(name, args.pipeline, args, tune)}
+        tuned = set(args.tune_variants.split(",")) if tune else set()
+        variants = {"dense": prepare(name, "", args, "dense" in tuned),
+                    "pruned": prepare(name, args.pipeline, args, "pruned" in tuned)}
         measure_interleaved(variants, args.rounds)
         dense, pruned = (variants[v][0] for v in ("dense", "pruned"))
         for r in (dense, pruned):
