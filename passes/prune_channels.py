@@ -38,7 +38,8 @@ OPTIONS = {
                        "dimensions in every head (head counts are kept)"),
     "packed-heads": Option(bool, False, "also prune attention whose q/k/v come from one packed projection "
                            "(timm ViT, nn.MultiheadAttention); those modules tie the attention width to "
-                           "their input width, so only the program, not the module, can follow"),
+                           "their input width, so the in-place module follows only where both come out "
+                           "equal (the program always does)"),
     "seed": Option(int, 0, "seed for criterion=random"),
     "exact": Option(bool, False, "only prune groups where compaction provably equals masking (skip groups "
                     "whose channels feed a layer/RMS norm, softmax or mean over the channel dimension)"),
