@@ -140,7 +140,8 @@ def fold_constant_weights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Fold everything computable from the weights alone (decomposed batch norm
     statistics, permuted/reshaped weights) before fusion.  Common weight
     arithmetic is folded with numpy (TVM's FoldConstant compiles a kernel per
-    folded op: 40 s on ResNet-50); TVM folds whatever is left."""
+    folded op: 40 s on ResNet-50); TVM folds whatever is left.  The same
+    traversal gives a bool cumsum torch's int64 result type (``_bool_cumsum_as_int``)."""
     mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                     relax.transform.CanonicalizeBindings()])(mod)
     folder = _NumpyFolder(mod)

@@ -335,10 +335,11 @@ def _deinterleave_strided(sch, main, pro, vvar) -> None:
     gather per vector.  Store the padding stage phase-split, ``(w % s, w // s)``, so each tap reads
     contiguous lanes (ResNet-50's 7x7 stem and its stride-2 3x3s ran about 1.5-1.9x faster).
     Only buffers this kernel pads itself are re-laid out: a parameter's layout is the caller's."""
-    produced = {sch.get(p).writes[0].source for p in pro if len(sch.get(p).writes) == 1}
+    producer = {sch.get(p).writes[0].source: p for p in pro if len(sch.get(p).writes) == 1}
     b = sch.get(main)
     for i, r in enumerate(b.reads):
-        if r.source not in produced or len(r.region) < 2:
+        pad = producer.get(r.source)
+        if pad is None or len(r.region) < 2:
             continue
         coef = sym.detect_linear_equation(r.region[-1].min, [vvar])
         stride = int(coef[0]) if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) else 1
@@ -349,12 +350,10 @@ def _deinterleave_strided(sch, main, pro, vvar) -> None:
         imap = tirx.IndexMap.from_func(lambda *ix: (*ix[:-1], ix[-1] % stride, ix[-1] // stride), ndim=nd,
                                        index_dtype=str(width.ty))
         sch.transform_layout(main, ("read", i), imap)
-        for p in pro:  # the padding stage loops in its new layout: contiguous stores
-            if sch.get(p).writes[0].source.same_as(sch.get(main).reads[i].source):
-                try:
-                    sch.transform_block_layout(p, imap)
-                except Exception:  # noqa: BLE001 - keeps its loops
-                    pass
+        try:  # the padding stage loops in its new layout: contiguous stores
+            sch.transform_block_layout(pad, imap)
+        except Exception:  # noqa: BLE001 - keeps its loops
+            pass
         return
 
 

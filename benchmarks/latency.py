@@ -60,8 +60,11 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
             timers["inductor"] = torch_timer(lambda: comp(x))
         except Exception as e:  # noqa: BLE001
             print(f"# inductor failed on {name}: {type(e).__name__}")
-    untuned = res.artifact.load()
-    timers["tvm"] = lambda: untuned.time(x.numpy(), number=5, repeat=3) * 1e3
+    def tvm_timer(artifact):
+        loaded = artifact.load()
+        return lambda: loaded.time(x.numpy(), number=5, repeat=3) * 1e3
+
+    timers["tvm"] = tvm_timer(res.artifact)
     if tune:
         # One database per (model, variant), under --tuning-db (reused by later runs) or fresh.
         variant = "pruned" if pipeline else "dense"
@@ -71,8 +74,7 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
         model = getattr(torchvision.models, name)().eval()
         tuned, row["tune_build_s"] = _compile(model, x, pipeline, **opts)
         row["tuning"] = tuned.artifact.tuning
-        tuned_mod = tuned.artifact.load()
-        timers["tuned"] = lambda: tuned_mod.time(x.numpy(), number=5, repeat=3) * 1e3
+        timers["tuned"] = tvm_timer(tuned.artifact)
         model = getattr(torchvision.models, name)().eval()
         _, row["repeat_build_s"] = _compile(model, x, pipeline, **opts)  # records come from the database
     return row, timers

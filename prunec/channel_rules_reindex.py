@@ -56,13 +56,17 @@ def reshape_groups(src: tuple, dst: tuple) -> list[tuple[list[int], list[int]]]:
     return groups
 
 
+def non_unit_groups(src: tuple, dst: tuple):
+    """:func:`reshape_groups` with, per group, its dims longer than one: (I, O, real_i, real_o)."""
+    for I, O in reshape_groups(src, dst):
+        yield I, O, [d for d in I if src[d] > 1], [d for d in O if dst[d] > 1]
+
+
 @rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy",
       "_reshape_alias", "expand_dims")
 def view(ctx, n: Node) -> None:
     x, out = n.args[0], n.out
-    for I, O in reshape_groups(x.shape, out.shape):
-        real_i = [d for d in I if x.shape[d] > 1]
-        real_o = [d for d in O if out.shape[d] > 1]
+    for I, O, real_i, real_o in non_unit_groups(x.shape, out.shape):
         for d in I:
             if d not in real_i:
                 ctx.cover(x, d)

@@ -102,8 +102,8 @@ class _Builder:
         self.head_dim = head_dim
         self.head_views = head_reshapes(graph) if head_dim else set()
         # packed q/k/v projections (opt-in: their modules tie the attention width to the input
-        # width, so only the program can follow): the stack axis is an index, the parts carry
-        # the channel
+        # width, so the in-place module follows only where both come out equal): the stack axis
+        # is an index, the parts carry the channel
         self.stacked_views = stacked_views(graph) if head_dim or packed_heads else {}
         self.slots: list[tuple[Value, int]] = []
         self.slot_id: dict[tuple[int, int], int] = {}

@@ -21,8 +21,18 @@ from .ir import Graph, Value
 
 SDPA_OPS = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu")
 _VIEWS = {"view", "reshape", "_unsafe_view", "unflatten", "view_copy", "_reshape_alias"}
-_LAYOUT = {"transpose", "permute", "contiguous", "clone", "_to_copy", "alias", "detach", "swapaxes"}
+_COPIES = {"contiguous", "clone", "_to_copy", "alias", "detach"}
+_LAYOUT = _COPIES | {"transpose", "permute", "swapaxes"}
 _MAX_DEPTH = 24
+
+
+def _consumers(graph: Graph) -> dict[int, list]:
+    """{id(value): the nodes reading it}."""
+    out = defaultdict(list)
+    for n in graph.nodes:
+        for v in n.inputs():
+            out[id(v)].append(n)
+    return out
 
 
 def _splits(src: Value, width: int) -> bool:
@@ -32,10 +42,7 @@ def _splits(src: Value, width: int) -> bool:
 def head_reshapes(graph: Graph) -> set[str]:
     """Names of the split and merge reshape nodes around every attention."""
     producer = {id(o): n for n in graph.nodes for o in n.outputs}
-    consumers = defaultdict(list)
-    for n in graph.nodes:
-        for v in n.inputs():
-            consumers[id(v)].append(n)
+    consumers = _consumers(graph)
     found: set[str] = set()
     for n in graph.nodes:
         if n.op not in SDPA_OPS:
@@ -84,17 +91,12 @@ def _walk_forward(x: Value, width: int, consumers: dict, found: set) -> None:
                 stack.append((m.outputs[0], depth + 1))
 
 
-_FOLLOW = {"contiguous", "clone", "_to_copy", "alias", "detach"}
-
 
 def stacked_views(graph: Graph) -> dict[str, int]:
     """{reshape node name: output dim of its stack axis} for every reshape that splits one dim into
     a small stack axis followed by the parts, where every use of the stack axis is an index."""
-    from .channel_rules_reindex import reshape_groups
-    consumers = defaultdict(list)
-    for n in graph.nodes:
-        for v in n.inputs():
-            consumers[id(v)].append(n)
+    from .channel_rules_reindex import non_unit_groups
+    consumers = _consumers(graph)
     out_dims: dict[str, int] = {}
     for n in graph.nodes:
         if n.op not in _VIEWS or not n.args or not isinstance(n.args[0], Value):
@@ -102,19 +104,13 @@ def stacked_views(graph: Graph) -> dict[str, int]:
         x, out = n.args[0], n.outputs[0]
         if not x.shape or not out.shape:
             continue
-        for real_i, real_o in _split_groups(reshape_groups(x.shape, out.shape), x.shape, out.shape):
+        for _, _, real_i, real_o in non_unit_groups(x.shape, out.shape):
+            if len(real_i) != 1 or len(real_o) < 2:
+                continue  # not a split of one dim into several
             s = real_o[0]
             if 2 <= out.shape[s] <= 4 and _only_indexed(out, s, consumers, graph):
                 out_dims[n.name] = s
     return out_dims
-
-
-def _split_groups(groups, src, dst):
-    for I, O in groups:
-        real_i = [d for d in I if src[d] > 1]
-        real_o = [d for d in O if dst[d] > 1]
-        if len(real_i) == 1 and len(real_o) >= 2:
-            yield real_i, real_o
 
 
 def _only_indexed(v: Value, d: int, consumers: dict, graph: Graph, depth: int = 0) -> bool:
@@ -126,7 +122,7 @@ def _only_indexed(v: Value, d: int, consumers: dict, graph: Graph, depth: int = 
         return False
     for m in uses:
         nd = len(v.shape)
-        if m.op in _FOLLOW:
+        if m.op in _COPIES:
             nxt = d
         elif m.op == "permute":
             nxt = [p % nd for p in m.args[1]].index(d)
