@@ -204,10 +204,9 @@ def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, f
     """
     from . import tvm_sparse
     passes = [fold_constant_weights]
-    if target.kind.name == "llvm":
-        if fast_math:
-            passes.append(fast_activations)
-        passes.append(tvm_sparse.SparseDenseRewrite(target, **(sparse or {})))
+    if target.kind.name == "llvm" and fast_math:
+        passes.append(fast_activations)
+    passes.append(tvm_sparse.SparseDenseRewrite(target, **(sparse or {})))
     return passes
 
 

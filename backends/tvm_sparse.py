@@ -122,11 +122,20 @@ def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "floa
 
 # ---- measuring ------------------------------------------------------------------------
 
+def kernels(target):
+    """(linear kernel, 1x1-conv kernel, dense matmul) builders for ``target``'s kind."""
+    if target.kind.name == "cuda":
+        from . import tvm_sparse_gpu as g
+        return g.bsr_xwt, g.bsr_wx, g.dense_matmul
+    return bsr_xwt, bsr_wx, _dense_matmul
+
+
 def time_func(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray], dev=None) -> float:
     """Median seconds per call of one PrimFunc on ``target``."""
     func = func.with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target)
-    dev = tvm.cpu(0) if dev is None else dev
+    if dev is None:
+        dev = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
     targs = [tvm.runtime.tensor(a, dev) for a in args]
     f = lib.mod.time_evaluator("main", dev, number=10, repeat=3, min_repeat_ms=20)
     return float(np.median(f(*targs).results))
@@ -148,20 +157,22 @@ def _dense_matmul(m: int, k: int, n: int, target):
 def measure_linear(w: np.ndarray, m: int, r: int, target) -> tuple[float, float]:
     """(sparse seconds, dense seconds) for y = x @ w.T on ``target``."""
     n, k = w.shape
+    xwt, _, dense = kernels(target)
     data, idx, ptr = to_bsr(w, r)
     x = np.random.rand(m, k).astype("float32")
-    ts = time_func(bsr_xwt(m, k, n, r, len(idx)), target, [x, data, idx, ptr, np.zeros((m, n), "float32")])
-    td = time_func(_dense_matmul(m, k, n, target), target, [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")])
+    ts = time_func(xwt(m, k, n, r, len(idx)), target, [x, data, idx, ptr, np.zeros((m, n), "float32")])
+    td = time_func(dense(m, k, n, target), target, [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")])
     return ts, td
 
 
 def measure_conv1x1(w: np.ndarray, b: int, p: int, r: int, target) -> tuple[float, float]:
     n, k = w.shape
+    _, wx, dense = kernels(target)
     data, idx, ptr = to_bsr(w, r)
     x = np.random.rand(b, k, p).astype("float32")
-    ts = time_func(bsr_wx(b, n, k, p, r, len(idx)), target, [x, data, idx, ptr, np.zeros((b, n, p), "float32")])
+    ts = time_func(wx(b, n, k, p, r, len(idx)), target, [x, data, idx, ptr, np.zeros((b, n, p), "float32")])
     # dense 1x1 conv = W[N,K] @ x[K,P]: the transposed matmul problem (M=P)
-    td = time_func(_dense_matmul(p * b, k, n, target), target,
+    td = time_func(dense(p * b, k, n, target), target,
                [np.random.rand(p * b, k).astype("float32"), np.ascontiguousarray(w.T), np.zeros((p * b, n), "float32")])
     return ts, td
 
@@ -170,6 +181,11 @@ def weight_key(w: np.ndarray) -> tuple:
     """A key that finds a layer's name from its weight (as the importer drops names)."""
     w = np.asarray(w, dtype="float64").reshape(w.shape[0], -1)
     return (w.size, round(float(np.abs(w).sum()), 3), round(float((w != 0).sum()), 0))
+
+
+def _gpu_present() -> bool:
+    from .tvm_sparse_gpu import has_gpu
+    return has_gpu()
 
 
 # ---- the Relax pass -------------------------------------------------------------------
@@ -252,7 +268,7 @@ class _Rewriter(relax.PyExprMutator):
         if not ok:
             return None
         consts, nnzb = self._consts(w, r)
-        gv = self.builder_.add_func(bsr_xwt(m, k, n, r, nnzb), "prunec_bsr_linear")
+        gv = self.builder_.add_func(kernels(self.opts["target"])[0](m, k, n, r, nnzb), "prunec_bsr_linear")
         x2 = self.builder_.emit(relax.op.reshape(x, [m, k]))
         y = self.builder_.emit(relax.call_tir(gv, [x2, *consts], relax.TensorType([m, n], "float32")))
         return relax.op.reshape(y, [*xs[:-1], n]) if len(xs) != 2 else y
@@ -274,7 +290,7 @@ class _Rewriter(relax.PyExprMutator):
         if not ok:
             return None
         consts, nnzb = self._consts(w, r)
-        gv = self.builder_.add_func(bsr_wx(b, n, c, h * wd, r, nnzb), "prunec_bsr_conv1x1")
+        gv = self.builder_.add_func(kernels(self.opts["target"])[1](b, n, c, h * wd, r, nnzb), "prunec_bsr_conv1x1")
         x2 = self.builder_.emit(relax.op.reshape(x, [b, c, h * wd]))
         y = self.builder_.emit(relax.call_tir(gv, [x2, *consts], relax.TensorType([b, n, h * wd], "float32")))
         return relax.op.reshape(y, [b, n, h, wd])
@@ -290,7 +306,9 @@ class SparseDenseRewrite:
 
     def __init__(self, target, mode: str = "auto", measure: bool = True, min_zeros: float = 0.5,
                  names: dict | None = None):
-        self.opts = {"target": target, "mode": mode, "measure": measure and target.kind.name == "llvm",
+        # Measuring needs the target's device here: a cuda build on a machine without a GPU uses the cost model.
+        on_device = target.kind.name == "llvm" or _gpu_present()
+        self.opts = {"target": target, "mode": mode, "measure": measure and on_device,
                      "min_zeros": min_zeros, "names": names or {}}
         self.report: list[dict] = []
 

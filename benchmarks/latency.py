@@ -3,11 +3,13 @@ dense and after a pruning pipeline, measured side by side in one run.
 
     python benchmarks/latency.py [--models resnet18,resnet50,mobilenet_v2,vit_b_16]
         [--pipeline 'fold-bn,prune-channels{ratio=0.5}'] [--threads 2] [--inductor] [--tune-trials N]
-        [--rounds 7] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR]
+        [--rounds 7] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR] [--target cuda]
 
 Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
-speedup as a fraction of the FLOPs ratio.
+speedup as a fraction of the FLOPs ratio.  With ``--target cuda`` every column runs on
+the GPU (torch eager with cuDNN, inductor, TVM with its dlight GPU schedules); a torch
+call is timed up to its ``torch.cuda.synchronize()``.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from _timing import median_ms
 _median_ms = functools.partial(median_ms, number=5, repeat=3)
 
 
-def _compile(model, x, pipeline, **target_options):
+def _compile(model, x, pipeline, target="llvm", **target_options):
     import prunec
     t0 = time.perf_counter()
-    res = prunec.compile(model, (x,), passes=pipeline, target="llvm", in_place=True,
+    res = prunec.compile(model, (x,), passes=pipeline, target=target, in_place=True,
                          target_options=target_options or None)
     return res, time.perf_counter() - t0
 
@@ -41,23 +43,33 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, 224, 224)
-    res, build_s = _compile(model, x, pipeline, tuning_db=False)  # untuned, whatever the default database holds
+    # untuned, whatever the default database holds
+    res, build_s = _compile(model, x, pipeline, args.target, tuning_db=False)
     eager = res.module if res.module is not None else res.program.module()
     row = {"flops": res.report["after"]["flops"], "build_s": build_s}
+    gpu = args.target == "cuda"
+    xt = x.cuda() if gpu else x
+    if gpu:
+        eager = eager.cuda()
 
     def torch_timer(fn):
+        def call():
+            fn()
+            if gpu:
+                torch.cuda.synchronize()
+
         def timer():
             with torch.no_grad():
-                return _median_ms(fn)
+                return _median_ms(call)
         return timer
 
-    timers = {"eager": torch_timer(lambda: eager(x))}
+    timers = {"eager": torch_timer(lambda: eager(xt))}
     if args.inductor:
         try:
             comp = torch.compile(eager)
             with torch.no_grad():
-                comp(x)
-            timers["inductor"] = torch_timer(lambda: comp(x))
+                comp(xt)
+            timers["inductor"] = torch_timer(lambda: comp(xt))
         except Exception as e:  # noqa: BLE001
             print(f"# inductor failed on {name}: {type(e).__name__}")
     def tvm_timer(artifact):
@@ -72,11 +84,11 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
             else tempfile.mkdtemp(prefix=f"tune-{name}-{variant}-")
         opts = {"tune_trials": args.tune_trials, "tuning_db": db, "progress": False}
         model = getattr(torchvision.models, name)().eval()
-        tuned, row["tune_build_s"] = _compile(model, x, pipeline, **opts)
+        tuned, row["tune_build_s"] = _compile(model, x, pipeline, args.target, **opts)
         row["tuning"] = tuned.artifact.tuning
         timers["tuned"] = tvm_timer(tuned.artifact)
         model = getattr(torchvision.models, name)().eval()
-        _, row["repeat_build_s"] = _compile(model, x, pipeline, **opts)  # records come from the database
+        _, row["repeat_build_s"] = _compile(model, x, pipeline, args.target, **opts)  # records come from the database
     return row, timers
 
 
@@ -101,6 +113,7 @@ def main():
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,vit_b_16")
     ap.add_argument("--pipeline", default="fold-bn,prune-channels{ratio=0.5}")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     ap.add_argument("--inductor", action="store_true")
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per (model, variant)")
     ap.add_argument("--tune-models", default=None, help="comma list of models to tune (default: all)")
@@ -115,7 +128,8 @@ def main():
     cols = ["eager"] + (["inductor"] if args.inductor else []) + ["tvm", "tuned"]
     labels = {"eager": "eager", "inductor": "inductor", "tvm": "TVM untuned",
               "tuned": f"TVM tuned ({args.tune_trials} trials)"}
-    print(f"batch 1, {args.threads} threads, pipeline `{args.pipeline}`, times in ms (median of {args.rounds} "
+    where = f"{torch.cuda.get_device_name()} (CUDA)" if args.target == "cuda" else f"{args.threads} threads"
+    print(f"batch 1, {where}, pipeline `{args.pipeline}`, times in ms (median of {args.rounds} "
           "interleaved rounds)\n")
     head = ("| model | variant | GFLOPs | " + " | ".join(labels[c] for c in cols)
             + " | best TVM vs eager | build s (untuned) | build s (tuning) | repeat build s |")

@@ -1,11 +1,14 @@
 """Sparse kernels: TVM sparse vs TVM dense (scheduled) vs torch F.linear vs torch.sparse, side by side.
 
-    python benchmarks/sparse.py [--threads 2] [--sparsity 0.7,0.8,0.9,0.95] [--batches 1,128]
+    python benchmarks/sparse.py [--threads 2] [--sparsity 0.7,0.8,0.9,0.95] [--batches 1,128] [--target cuda]
 
 Rows: a 768x3072 linear (y = x W^T, W: 3072x768) at batch 1 and 128 with 16x1 block
 sparsity, and a BERT-style FFN (768 -> 3072 -> GELU -> 768, 128 tokens) compiled
 end to end through prunec (prune-blocks{block=16x1}) vs the same model dense.
 Times are medians in ms; speedups are over torch dense measured in the same run.
+With ``--target cuda`` everything runs on the GPU: prunec's CUDA BSR kernels, TVM's
+dlight-scheduled dense matmul, cuBLAS (F.linear) and cuSPARSE (torch.sparse); a torch
+call is timed up to its ``torch.cuda.synchronize()``.
 """
 from __future__ import annotations
 
@@ -27,8 +30,22 @@ def _block_sparse(n, k, r, sparsity, rng):
     return w * np.repeat(keep, r, axis=0)
 
 
+def _sync(fn, gpu):
+    if not gpu:
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return call
+
+
 def bench_linear(target, batches, sparsities, r=16):
     from prunec.backends import tvm_sparse
+    xwt, _, dense = tvm_sparse.kernels(target)
+    gpu = target.kind.name == "cuda"
+    dev = "cuda" if gpu else "cpu"
     rng = np.random.default_rng(0)
     n, k = 3072, 768
     rows = []
@@ -39,16 +56,16 @@ def bench_linear(target, batches, sparsities, r=16):
             w = _block_sparse(n, k, r, sp, rng)
             data, idx, ptr = tvm_sparse.to_bsr(w, r)
             t0 = time.perf_counter()
-            ts = tvm_sparse.time_func(tvm_sparse.bsr_xwt(m, k, n, r, len(idx)), target,
+            ts = tvm_sparse.time_func(xwt(m, k, n, r, len(idx)), target,
                                   [x, data, idx, ptr, np.zeros((m, n), "float32")]) * 1e3
             build_s = time.perf_counter() - t0
             if dense_tvm is None:
-                dense_tvm = tvm_sparse.time_func(tvm_sparse._dense_matmul(m, k, n, target), target,
+                dense_tvm = tvm_sparse.time_func(dense(m, k, n, target), target,
                                              [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")]) * 1e3
-            xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-            td = _median_ms(lambda: torch.nn.functional.linear(xt, wt))
+            xt, wt = torch.from_numpy(x).to(dev), torch.from_numpy(w).to(dev)
+            td = _median_ms(_sync(lambda: torch.nn.functional.linear(xt, wt), gpu))
             wcsr = wt.to_sparse_csr()
-            tsp = _median_ms(lambda: torch.sparse.mm(wcsr, xt.T))
+            tsp = _median_ms(_sync(lambda: torch.sparse.mm(wcsr, xt.T), gpu))
             rows.append((f"linear 768x3072 b{m}", sp, ts, dense_tvm, td, tsp, build_s))
     return rows
 
@@ -56,6 +73,8 @@ def bench_linear(target, batches, sparsities, r=16):
 def bench_ffn(target, sparsities, tokens=128):
     import prunec
     from torch import nn
+    gpu = target.kind.name == "cuda"
+    kind = target.kind.name
     torch.manual_seed(0)
     rows = []
     x = torch.randn(1, tokens, 768)
@@ -64,24 +83,26 @@ def bench_ffn(target, sparsities, tokens=128):
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
 
-    dense = prunec.compile(model(), (x,), target="llvm", in_place=False).artifact.load()
+    dense = prunec.compile(model(), (x,), target=kind, in_place=False).artifact.load()
     td_tvm = dense.time(x.numpy(), number=5) * 1e3
     for sp in sparsities:
         m = model()
-        res = prunec.compile(m, (x,), passes=f"prune-blocks{{block=16x1,ratio={sp}}}", target="llvm", in_place=False)
+        res = prunec.compile(m, (x,), passes=f"prune-blocks{{block=16x1,ratio={sp}}}", target=kind, in_place=False)
         comp = res.artifact.load()
         ts = comp.time(x.numpy(), number=5) * 1e3
         with torch.no_grad():
-            td = _median_ms(lambda: m(x), number=5)
-            w1 = res.graph.tensors["0.weight"].to_sparse_csr()
-            w2 = res.graph.tensors["2.weight"].to_sparse_csr()
-            b1, b2, x2 = m[0].bias, m[2].bias, x.reshape(-1, 768)
+            dev = "cuda" if gpu else "cpu"
+            m, xd = m.to(dev), x.to(dev)
+            td = _median_ms(_sync(lambda: m(xd), gpu), number=5)
+            w1 = res.graph.tensors["0.weight"].to(dev).to_sparse_csr()
+            w2 = res.graph.tensors["2.weight"].to(dev).to_sparse_csr()
+            b1, b2, x2 = m[0].bias, m[2].bias, xd.reshape(-1, 768)
 
             def sparse_ffn():
                 h = torch.nn.functional.gelu(torch.sparse.mm(w1, x2.T).T + b1)
                 return torch.sparse.mm(w2, h.T).T + b2
             try:
-                tsp = _median_ms(sparse_ffn, number=5)
+                tsp = _median_ms(_sync(sparse_ffn, gpu), number=5)
             except Exception:  # noqa: BLE001
                 tsp = float("nan")
         choice = ",".join(r["choice"] for r in res.artifact.sparse_report)
@@ -95,13 +116,14 @@ def main():
     ap.add_argument("--sparsity", default="0.7,0.8,0.9,0.95")
     ap.add_argument("--batches", default="1,128")
     ap.add_argument("--no-ffn", action="store_true")
+    ap.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     args = ap.parse_args()
     import os
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     from prunec.backends.tvm_lower import to_target
     from prunec.target import parse_target
-    target = to_target(parse_target("llvm"))
+    target = to_target(parse_target(args.target))
     sps = [float(s) for s in args.sparsity.split(",")]
     rows = bench_linear(target, [int(b) for b in args.batches.split(",")], sps)
     if not args.no_ffn:
@@ -109,7 +131,9 @@ def main():
             rows += bench_ffn(target, sps)
         except Exception as e:  # noqa: BLE001 - keep the kernel rows
             print(f"# FFN rows failed: {type(e).__name__}: {e}")
-    print(f"target: {target.attrs.get('mcpu')}, {args.threads} threads, times in ms (median)\n")
+    where = (f"{torch.cuda.get_device_name()} (CUDA)" if args.target == "cuda"
+             else f"{target.attrs.get('mcpu')}, {args.threads} threads")
+    print(f"target: {where}, times in ms (median)\n")
     print("| workload | block sparsity | TVM sparse | TVM dense | torch dense | torch.sparse (CSR) "
           "| sparse vs torch dense | sparse vs TVM dense | build s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -191,7 +191,7 @@ def test_cuda_build_and_run():
     import prunec
     torch.manual_seed(0)
     model, x = SmallCNN().eval(), torch.randn(1, 3, 32, 32)
-    res = prunec.compile(model, (x,), target="cuda", in_place=False, export=False)
+    res = prunec.compile(model, (x,), target="cuda", in_place=False)
     got = res.artifact.load()(x)
     ref = model(x).detach()
     assert np.abs(got.numpy() - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
