@@ -3,7 +3,7 @@ dense and after a pruning pipeline, measured side by side in one run.
 
     python benchmarks/latency.py [--models resnet18,resnet50,mobilenet_v2,vit_b_16]
         [--pipeline 'fold-bn,prune-channels{ratio=0.5}'] [--threads 2] [--inductor] [--tune-trials N]
-        [--rounds 7] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR] [--target cuda]
+        [--rounds 15] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR] [--target cuda]
 
 Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
@@ -23,7 +23,9 @@ import torch
 from _timing import median_ms
 
 
-_median_ms = functools.partial(median_ms, number=5, repeat=3)
+# One measurement per round is the mean of 3 calls: rounds are short, so dense and pruned are timed
+# within about a second of each other and the VM's speed drifts (up to 2x over minutes) hit both alike.
+_median_ms = functools.partial(median_ms, number=3, repeat=1)
 
 
 def _compile(model, x, pipeline, target="llvm", **target_options):
@@ -74,12 +76,12 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
             print(f"# inductor failed on {name}: {type(e).__name__}")
     def tvm_timer(artifact):
         loaded = artifact.load()
-        return lambda: loaded.time(x.numpy(), number=5, repeat=3) * 1e3
+        return lambda: loaded.time(x.numpy(), number=3, repeat=1) * 1e3
 
     timers["tvm"] = tvm_timer(res.artifact)
     if tune:
         # One database per (model, variant), under --tuning-db (reused by later runs) or fresh.
-        variant = "pruned" if pipeline else "dense"
+        variant = "pruned" if pipeline != args.dense_pipeline else "dense"
         db = os.path.join(args.tuning_db, f"{name}-{variant}") if args.tuning_db \
             else tempfile.mkdtemp(prefix=f"tune-{name}-{variant}-")
         opts = {"tune_trials": args.tune_trials, "tuning_db": db, "progress": False}
@@ -112,13 +114,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,vit_b_16")
     ap.add_argument("--pipeline", default="fold-bn,prune-channels{ratio=0.5}")
+    ap.add_argument("--dense-pipeline", default="fold-bn",
+                    help="passes for the dense variant (default: fold-bn, so both variants fold batch norm and "
+                         "the ratio measures the pruning alone)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     ap.add_argument("--inductor", action="store_true")
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per (model, variant)")
     ap.add_argument("--tune-models", default=None, help="comma list of models to tune (default: all)")
     ap.add_argument("--tune-variants", default="dense,pruned", help="which variants to tune (default: both)")
-    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median kept)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (median kept)")
     ap.add_argument("--tuning-db", default=None,
                     help="directory of tuning databases, one per model-variant (default: fresh temporary ones)")
     args = ap.parse_args()
@@ -139,7 +144,7 @@ def main():
     for name in args.models.split(","):
         tune = name in tune_models
         tuned = set(args.tune_variants.split(",")) if tune else set()
-        variants = {"dense": prepare(name, "", args, "dense" in tuned),
+        variants = {"dense": prepare(name, args.dense_pipeline, args, "dense" in tuned),
                     "pruned": prepare(name, args.pipeline, args, "pruned" in tuned)}
         measure_interleaved(variants, args.rounds)
         dense, pruned = (variants[v][0] for v in ("dense", "pruned"))
