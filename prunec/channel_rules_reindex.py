@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from .head_views import head_atom
+
 from .channel_rules import _nd, _t, rule
 from .ir import Node
 
@@ -102,6 +104,21 @@ def view(ctx, n: Node) -> None:
             for d in real_o[2:]:
                 ctx.pin(out, d, "inner dimension of a reshape")
             continue
+        hp = ctx.b.head_paths.get(n.name)
+        atom = head_atom([x.shape[d] for d in real_i], [out.shape[d] for d in real_o], *hp) if hp else None
+        if atom is not None:
+            # attention heads merged with an outer dim (B*H): the heads carry the channel, head h
+            # being every b*H + h; the outer dim (a batch) and the inner ones cannot shrink
+            ii, ia = _holder(real_i, x.shape, atom, f)
+            oo, ob = _holder(real_o, out.shape, atom, f)
+            ctx.link(x, ii, ia, out, oo, ob)
+            for d in real_i:
+                if d != ii:
+                    ctx.pin(x, d, "not the head factor of a merged heads dimension")
+            for d in real_o:
+                if d != oo:
+                    ctx.pin(out, d, "not the head factor of a merged heads dimension")
+            continue
         # Split or merge: the outermost dim carries the channel; removing index c
         # removes a contiguous block of the fused dim.  Inner dims cannot shrink.
         i0, o0 = real_i[0], real_o[0]
@@ -110,6 +127,18 @@ def view(ctx, n: Node) -> None:
             ctx.pin(x, d, "inner dimension of a reshape")
         for d in real_o[1:]:
             ctx.pin(out, d, "inner dimension of a reshape")
+
+
+def _holder(dims: list[int], shape: tuple, atom: tuple[int, int], f: np.ndarray):
+    """The dim among ``dims`` (one reshape group) that holds the factor ``atom`` = (stride, size), and
+    that dim's index of each fused group element ``f``."""
+    stride, size = atom
+    suffix = math.prod(shape[d] for d in dims)
+    for d in dims:
+        suffix //= shape[d]
+        if suffix <= stride and stride * size <= suffix * shape[d]:
+            return d, (f // suffix) % shape[d]
+    raise AssertionError("head factor outside its reshape group")
 
 
 @rule("expand_as", "view_as")

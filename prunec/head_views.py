@@ -41,22 +41,78 @@ def _splits(src: Value, width: int) -> bool:
 
 def head_reshapes(graph: Graph) -> set[str]:
     """Names of the split and merge reshape nodes around every attention."""
+    return set(_walk_all(graph)[0])
+
+
+def head_paths(graph: Graph) -> dict[str, tuple[int, int]]:
+    """{reshape node name: (head count, head width)} for every reshape between an attention and its
+    projections (the split and merge reshapes and the ones passed on the way)."""
+    return _walk_all(graph)[1]
+
+
+def _walk_all(graph: Graph) -> tuple[set[str], dict[str, tuple[int, int]]]:
     producer = {id(o): n for n in graph.nodes for o in n.outputs}
     consumers = _consumers(graph)
     found: set[str] = set()
+    paths: dict[str, tuple[int, int]] = {}
     for n in graph.nodes:
         if n.op not in SDPA_OPS:
             continue
+        q = n.args[0]
+        heads = q.shape[-3] if isinstance(q, Value) and q.shape and len(q.shape) >= 3 else 0
         for x in n.args[:3]:
             if isinstance(x, Value) and x.shape:
-                _walk_back(x, x.shape[-1], producer, found)
+                seen: set[str] = set()
+                _walk_back(x, x.shape[-1], producer, found, seen)
+                paths.update({name: (heads, x.shape[-1]) for name in seen})
         out = n.outputs[0]
         if out.shape:
-            _walk_forward(out, out.shape[-1], consumers, found)
-    return found
+            seen = set()
+            _walk_forward(out, out.shape[-1], consumers, found, seen)
+            paths.update({name: (heads, out.shape[-1]) for name in seen})
+    by_name = {m.name: m for m in graph.nodes}
+    for q, k, v, weights, out in _bmm_attentions(graph, producer, consumers):
+        # attention spelled out (nn.MultiheadAttention with need_weights=True): only the head paths;
+        # head-width mode stays with SDPA, whose scale prunec can pass explicitly
+        width, mine, seen = q.shape[-1], set(), set()
+        for x in (q, k, v):
+            if isinstance(x, Value) and x.shape and x.shape[-1] == width:
+                _walk_back(x, width, producer, mine, seen)
+        _walk_forward(out, width, consumers, mine, seen)
+        # the attention weights may leave too ([B*H, L, S] -> [B, H, L, S], averaged over heads)
+        _walk_forward(weights, weights.shape[-1], consumers, set(), seen)
+        # no head axis to read the count from ([B*H, L, D]): the split reshape's input width / D
+        widths = [by_name[m].args[0].shape[-1] for m in sorted(mine) if _splits(by_name[m].args[0], width)]
+        if widths:
+            paths.update({name: (widths[0] // width, width) for name in seen})
+    return found, paths
 
 
-def _walk_back(x: Value, width: int, producer: dict, found: set) -> None:
+_BMM = ("bmm", "baddbmm", "matmul")
+_SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
+
+
+def _bmm_attentions(graph: Graph, producer: dict, consumers: dict):
+    """(q, k, v, weights, output) of every ``bmm(weights = softmax(bmm(q, k^T) [* scale, + mask]), v)``."""
+    for n in graph.nodes:
+        if n.op not in _SOFTMAX or not isinstance(n.args[0], Value):
+            continue
+        scores = producer.get(id(n.args[0]))
+        if scores is not None and scores.op in ("mul", "div", "add", "masked_fill"):
+            scores = producer.get(id(scores.args[0])) if isinstance(scores.args[0], Value) else None
+        if scores is None or scores.op not in _BMM:
+            continue
+        q, kt = scores.args[-2], scores.args[-1]
+        t = producer.get(id(kt)) if isinstance(kt, Value) else None
+        if t is None or t.op not in ("transpose", "permute") or not isinstance(q, Value) or len(q.shape) < 3:
+            continue
+        k = t.args[0]
+        for m in consumers.get(id(n.outputs[0]), ()):
+            if m.op in _BMM and m.args[-2] is n.outputs[0] and isinstance(m.args[-1], Value):
+                yield q, k, m.args[-1], n.outputs[0], m.outputs[0]
+
+
+def _walk_back(x: Value, width: int, producer: dict, found: set, seen_views: set) -> None:
     stack, seen = [(x, 0)], set()
     while stack:
         v, depth = stack.pop()
@@ -67,6 +123,7 @@ def _walk_back(x: Value, width: int, producer: dict, found: set) -> None:
         if m is None:
             continue  # a graph input or a constant
         if m.op in _VIEWS:
+            seen_views.add(m.name)
             src = m.args[0]
             if _splits(src, width):
                 found.add(m.name)
@@ -78,7 +135,7 @@ def _walk_back(x: Value, width: int, producer: dict, found: set) -> None:
                 stack.append((a, depth + 1))
 
 
-def _walk_forward(x: Value, width: int, consumers: dict, found: set) -> None:
+def _walk_forward(x: Value, width: int, consumers: dict, found: set, seen_views: set) -> None:
     stack = [(x, 0)]
     while stack:
         v, depth = stack.pop()
@@ -87,9 +144,60 @@ def _walk_forward(x: Value, width: int, consumers: dict, found: set) -> None:
         for m in consumers.get(id(v), ()):
             if m.op in _VIEWS and m.outputs[0].shape and _splits(m.outputs[0], width):
                 found.add(m.name)
+                seen_views.add(m.name)
             elif m.op in _LAYOUT or (m.op in _VIEWS and m.outputs[0].shape[-1:] == (width,)):
+                if m.op in _VIEWS:
+                    seen_views.add(m.name)
                 stack.append((m.outputs[0], depth + 1))
 
+
+def head_atom(sizes_in: list[int], sizes_out: list[int], heads: int, width: int) -> tuple[int, int] | None:
+    """(stride, size) of the head factor inside one reshape group, when it is not the outermost factor
+    (else None: the default rule, outermost carries, already keeps whole heads).
+
+    The group's factors are the common refinement of both sides' dims; the head factor is the one just
+    outside the head width, or, in a group without the width, an innermost factor of the head count
+    (heads are the inner part of a merged ``B*H``)."""
+    bounds = set()
+    for sizes in (sizes_in, sizes_out):
+        p = 1
+        bounds.add(p)
+        for s in reversed(sizes):
+            p *= s
+            bounds.add(p)
+    cuts = sorted(bounds, reverse=True)
+    if any(a % b for a, b in zip(cuts, cuts[1:])):
+        return None  # not a clean refinement
+    factors = [(b, a // b) for a, b in zip(cuts, cuts[1:])]  # (stride, size), outermost first
+    if len(factors) < 2:
+        return None
+    if factors[-1][1] == width:
+        k = len(factors) - 2
+    elif factors[-1][1] == heads:
+        k = len(factors) - 1
+    else:
+        return None
+    if k <= 0 or factors[k][1] != heads:
+        return None
+    has_width = factors[-1][1] == width and k == len(factors) - 2
+    for sizes in (sizes_in, sizes_out):
+        span = _span(sizes, factors, k)
+        if has_width and len(factors) - 1 in span and min(span) < k:
+            # the outer factor lives in the projection's own width (q/k/v stacked in one [3*H*D]):
+            # that is the packed-heads case, opt-in through stacked_views
+            return None
+    return factors[k]
+
+
+def _span(sizes: list[int], factors: list[tuple[int, int]], k: int) -> set[int]:
+    """Indices of the factors held by the dim (of one side) that holds factor ``k``."""
+    stride = factors[k][0]
+    suffix = 1
+    for s in reversed(sizes):
+        if suffix <= stride < suffix * s:
+            return {j for j, (st, _) in enumerate(factors) if suffix <= st < suffix * s}
+        suffix *= s
+    return set()
 
 
 def stacked_views(graph: Graph) -> dict[str, int]:

@@ -305,15 +305,17 @@ def _prunable_rows(g, cg, param):
     return sorted(np.nonzero(~cg.unit_pinned[labels])[0].tolist())
 
 
-@pytest.mark.parametrize("packed", [PackedQKV, None])
-def test_packed_qkv_loses_whole_heads_of_q_k_and_v_together(packed):
+@pytest.mark.parametrize("packed,batch", [(PackedQKV, 1), (None, 1), (PackedQKV, 2), (None, 2)])
+def test_packed_qkv_loses_whole_heads_of_q_k_and_v_together(packed, batch):
+    """With batch 2, nn.MultiheadAttention reshapes [L, B, E] -> [L, B*H, D] and [B*H, L, D] ->
+    [B, H, L, D]: head h is every b*H + h there, and still one unit."""
     d, h = 32, 4
     if packed is None:  # nn.MultiheadAttention: in_proj output unflattened to [3, E], then select
         m = nn.TransformerEncoderLayer(d, h, 64, dropout=0.0, batch_first=True).eval()
         w, out = "self_attn.in_proj_weight", "self_attn.out_proj.weight"
     else:
         m, w, out = packed(d, h).eval(), "qkv.weight", "proj.weight"
-    x = torch.randn(1, 6, d)
+    x = torch.randn(batch, 6, d)
     g = prunec.trace(m, (x,))
     assert _prunable_rows(g, build(g), w) == []  # by default the packed projection is left whole
     cg = build(g, packed_heads=True)

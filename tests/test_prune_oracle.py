@@ -38,13 +38,46 @@ def test_head_width_oracle(name):
         assert w1 < w0 and s1 == s0  # narrower heads, the original score scale
 
 
-def test_packed_heads_oracle_torchvision_vit():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_packed_heads_oracle_torchvision_vit(batch):
     """torchvision's ViT packs q/k/v into nn.MultiheadAttention's in_proj: with packed-heads=true
-    whole heads go, and at one ratio for every group the module keeps embed_dim == q/k/v width."""
+    whole heads go, and at one ratio for every group the module keeps embed_dim == q/k/v width.
+    With batch > 1 the attention views merge batch and heads ([L, B, E] -> [L, B*H, D]): the heads
+    are still the unit."""
     torch.manual_seed(0)
     model = randomize_norms(torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10))
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     res = check_pruned(model, (x,), options=",packed-heads=true")
     attn = res["module"].encoder.layers[0].self_attention
     assert attn.num_heads == 2 and attn.in_proj_weight.shape == (96, 32), (attn.num_heads, attn.in_proj_weight.shape)
+
+
+class _MHAThenLinear(torch.nn.Module):
+    def __init__(self, need_weights: bool):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 4)
+        self.fc = torch.nn.Linear(32, 5)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=self.need_weights)[0])
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_heads_merged_with_batch(need_weights):
+    """Batch 2: nn.MultiheadAttention folds the batch into the head axis ([L, B, E] -> [L, B*H, D]);
+    through SDPA (need_weights=False) or spelled-out bmm + softmax (True), whole heads still go."""
+    import copy
+
+    import prunec
+    from prune_cases import max_rel_error
+    torch.manual_seed(0)
+    model = _MHAThenLinear(need_weights).eval()
+    x = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(1))
+    original = copy.deepcopy(model)
+    res = prunec.compile(model, (x,), passes="prune-channels{ratio=0.5,packed-heads=true}", in_place=False)
+    assert tuple(res.graph.consts["attn.in_proj_weight"].shape) == (48, 32)  # 2 of 4 heads of q, k and v
+    assert res.graph.consts["attn.out_proj.weight"].shape[1] == 16  # its columns of the removed heads
+    with torch.no_grad():
+        assert max_rel_error(res(x), prunec.oracle.masked_copy(original, res.plan)(x)) <= 1e-5
