@@ -20,7 +20,9 @@ _THREADS = 128
 
 def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
     """y[M, N] = x[M, K] @ W[N, K]^T.  Threads: r rows of a block row (x) times g block rows (y);
-    each thread keeps ``mt`` batch rows in registers."""
+    each thread keeps ``mt`` batch rows in registers.  For a few batch rows see :func:`_bsr_xwt_split`."""
+    if m <= _SPLIT_ROWS:
+        return _bsr_xwt_split(m, k, n, r, nnzb, dtype)
     nb = n // r
     g = _tile(nb, max(1, _THREADS // r))
     mt = _tile(m, 8)
@@ -43,6 +45,45 @@ def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
                         for mi in T.unroll(mt):
                             y[by * mt + mi, (bx * g + ty) * r + tx] = acc[mi]
     return bsr_linear_cuda
+
+
+_SPLIT_ROWS = 4
+
+
+def _bsr_xwt_split(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
+    """A few batch rows (batch 1 inference): one thread per output column walks a block row's whole
+    list of blocks, a chain of dependent loads, so a block row is split over ``sp`` threads (y) that
+    take every sp-th block and sum their partial results through shared memory at the end."""
+    nb = n // r
+    sp = max(1, _THREADS // r)
+
+    @T.prim_func(private=True)
+    def bsr_linear_split_cuda(x: T.Buffer((m, k), dtype), data: T.Buffer((nnzb, 1, r), dtype),
+                              indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+                              y: T.Buffer((m, n), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 4})
+        for bx in T.thread_binding(nb, thread="blockIdx.x"):
+            part = T.alloc_buffer((sp, m, r), dtype, scope="shared")
+            for ty in T.thread_binding(sp, thread="threadIdx.y"):
+                for tx in T.thread_binding(r, thread="threadIdx.x"):
+                    acc = T.alloc_buffer((m,), dtype, scope="local")
+                    for mi in T.unroll(m):
+                        acc[mi] = T.cast(0, dtype)
+                    for jo in range((indptr[bx + 1] - indptr[bx] + sp - 1) // sp):
+                        if indptr[bx] + jo * sp + ty < indptr[bx + 1]:
+                            for mi in T.unroll(m):
+                                acc[mi] = acc[mi] + data[indptr[bx] + jo * sp + ty, 0, tx] * \
+                                    x[mi, indices[indptr[bx] + jo * sp + ty]]
+                    for mi in T.unroll(m):
+                        part[ty, mi, tx] = acc[mi]
+                    T.tvm_storage_sync("shared")
+                    if ty == 0:
+                        for mi in T.unroll(m):
+                            acc[mi] = T.cast(0, dtype)
+                            for t in range(sp):
+                                acc[mi] = acc[mi] + part[t, mi, tx]
+                            y[mi, bx * r + tx] = acc[mi]
+    return bsr_linear_split_cuda
 
 
 def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "float32"):
