@@ -5,7 +5,9 @@ dimension.  Replaying it removes the same units (channels and whole heads, or
 head widths for a plan made with ``prune-channels{head-dim=true}``); a plan that
 removes only part of a coupled unit, or names a tensor or index the model lacks,
 is rejected (it was made for another architecture).  A plan from a pipeline that
-pruned both whole heads and head widths cannot be replayed in one step.
+pruned both whole heads and head widths (``prune-channels{...},prune-channels{...,head-dim=true}``)
+is replayed in two stages: first every unit the plan removes entirely (channels, whole
+heads), then what is left of it in head-width mode.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from prunec.compaction import compact, tracker
 from prunec.dependency import ChannelGroups, build
 from prunec.errors import UsageError
 from prunec.registry import Option, PassResult, register_pass
+from prunec.shapes import propagate
 
 
 def load_plan(path: str) -> dict:
@@ -79,10 +82,56 @@ def apply_plan(graph, am, file):
             except UsageError:
                 continue
         else:
-            raise first from None
+            return _replay_in_stages(graph, am, plan, file, first)
     if not units.any():
         return PassResult(False, {"units-removed": 0})
     sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}
     removed = compact(graph, cg, units)
     tracker(am).record(graph, removed, sizes)
     return PassResult(True, {"units-removed": int(units.sum()), "params-sliced": len(removed)})
+
+
+def contained_units(graph, cg, plan: dict) -> np.ndarray:
+    """Units (not pinned) all of whose parameter slices the plan removes."""
+    names = {id(v): k for k, v in graph.consts.items()}
+    touched = np.zeros(len(cg.unit_pinned), dtype=bool)
+    outside = np.zeros(len(cg.unit_pinned), dtype=bool)
+    for s, (v, d) in enumerate(cg.slots):
+        if not v.is_const or id(v) not in names:
+            continue
+        labels = cg.slot_labels(s)
+        hit = np.zeros(len(labels), dtype=bool)
+        hit[np.asarray(plan["params"].get(names[id(v)], {}).get(str(d), []), dtype=np.int64)] = True
+        touched[labels[hit]] = True
+        outside[labels[~hit]] = True
+    return touched & ~outside & ~cg.unit_pinned
+
+
+def _replay_in_stages(graph, am, plan: dict, file: str, first: UsageError) -> PassResult:
+    """Whole units first (default analysis), then the rest of the plan, re-indexed, in head-width mode."""
+    cg = build(graph)
+    units = contained_units(graph, cg, plan)
+    if not units.any():
+        raise first from None
+    sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}
+    gone = compact(graph, cg, units)
+    tracker(am).record(graph, gone, sizes)
+    propagate(graph)  # the second analysis reads the new shapes
+    rest = {}
+    for name, dims in plan["params"].items():
+        for d_txt, idx in dims.items():
+            done = np.asarray(gone.get(name, {}).get(int(d_txt), []), dtype=np.int64)
+            left = np.setdiff1d(np.asarray(idx, dtype=np.int64), done)
+            if len(left):
+                rest.setdefault(name, {})[d_txt] = (left - np.searchsorted(done, left)).tolist()
+    count = int(units.sum())
+    if rest:
+        cg = build(graph, head_dim=True)
+        try:
+            units2 = plan_units(graph, cg, {"version": 1, "params": rest}, file)
+        except UsageError:
+            raise first from None
+        sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}
+        tracker(am).record(graph, compact(graph, cg, units2), sizes)
+        count += int(units2.sum())
+    return PassResult(True, {"units-removed": count, "params-sliced": len(plan["params"])})

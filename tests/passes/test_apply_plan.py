@@ -105,3 +105,25 @@ def test_packed_heads_plan_replays(tmp_path):
     again = prunec.compile(layer(), (x,), passes=f"apply-plan{{file={plan}}}")
     assert again.plan == first.plan
     assert torch.equal(again(x), first(x))
+
+
+def test_plan_with_whole_heads_and_head_widths_replays(tmp_path):
+    """Whole heads, then head widths: the replay removes whole units first, then the widths."""
+    from prune_cases import hf_model
+    torch.manual_seed(0)
+    model, ids = hf_model("bert")
+    passes = "prune-channels{ratio=0.25},prune-channels{ratio=0.25,head-dim=true}"
+    first = prunec.compile(model.eval(), ids, passes=passes)
+    q = first.plan["params"]["encoder.layer.0.attention.self.query.weight"]["0"]
+    original_rows = model.config.hidden_size
+    kept = original_rows - len(q)
+    assert kept % 2 == 0 and len(q) > original_rows // 4, "expected both whole heads and widths removed"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(first.plan))
+    torch.manual_seed(0)
+    fresh, _ = hf_model("bert")
+    again = prunec.compile(fresh.eval(), ids, passes=f"apply-plan{{file={plan}}}")
+    assert again.plan == first.plan
+    assert {k: tuple(v.shape) for k, v in again.graph.consts.items()} == \
+        {k: tuple(v.shape) for k, v in first.graph.consts.items()}
+    assert torch.equal(again(*ids)[0], first(*ids)[0])
