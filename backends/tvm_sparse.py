@@ -13,7 +13,8 @@ linear layer after import) and ``R.nn.conv2d(x, W_const)`` with a 1x1 kernel
 become ``call_tir`` of the sparse kernel where that is faster: each candidate
 layer's sparse and dense kernels are built and timed on the target (or, with
 ``measure=False``, compared by a cost model).  ``.report`` lists the choice
-per layer.
+per layer.  The kernels here are the CPU ones; a cuda target gets the
+thread-bound twins in :mod:`tvm_sparse_gpu` (``kernels(target)`` picks).
 """
 from __future__ import annotations
 
