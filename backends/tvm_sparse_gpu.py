@@ -16,6 +16,7 @@ from tvm.script import tirx as T
 from .tvm_sparse import _tile
 
 _THREADS = 128
+_SPLIT_ROWS = 4  # batch rows up to which the linear kernel splits each block row over threads
 
 
 def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
@@ -45,9 +46,6 @@ def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
                         for mi in T.unroll(mt):
                             y[by * mt + mi, (bx * g + ty) * r + tx] = acc[mi]
     return bsr_linear_cuda
-
-
-_SPLIT_ROWS = 4
 
 
 def _bsr_xwt_split(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):

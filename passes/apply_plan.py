@@ -68,7 +68,7 @@ def plan_units(graph, cg, plan: dict, path: str = "plan") -> np.ndarray:
                options={"file": Option(str, "plan.json", "path of the plan JSON")})
 def apply_plan(graph, am, file):
     plan = load_plan(file)
-    cg = am.get(ChannelGroups)
+    cg = default = am.get(ChannelGroups)
     try:
         units = plan_units(graph, cg, plan, file)
     except UsageError as first:
@@ -82,13 +82,19 @@ def apply_plan(graph, am, file):
             except UsageError:
                 continue
         else:
-            return _replay_in_stages(graph, am, plan, file, first)
+            return _replay_in_stages(graph, am, default, plan, file, first)
     if not units.any():
         return PassResult(False, {"units-removed": 0})
+    removed = _remove(graph, am, cg, units)
+    return PassResult(True, {"units-removed": int(units.sum()), "params-sliced": len(removed)})
+
+
+def _remove(graph, am, cg, units: np.ndarray) -> dict:
+    """Compact ``units`` away and record it in the plan; returns {const name: {dim: removed indices}}."""
     sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}
     removed = compact(graph, cg, units)
     tracker(am).record(graph, removed, sizes)
-    return PassResult(True, {"units-removed": int(units.sum()), "params-sliced": len(removed)})
+    return removed
 
 
 def contained_units(graph, cg, plan: dict) -> np.ndarray:
@@ -107,15 +113,13 @@ def contained_units(graph, cg, plan: dict) -> np.ndarray:
     return touched & ~outside & ~cg.unit_pinned
 
 
-def _replay_in_stages(graph, am, plan: dict, file: str, first: UsageError) -> PassResult:
-    """Whole units first (default analysis), then the rest of the plan, re-indexed, in head-width mode."""
-    cg = build(graph)
+def _replay_in_stages(graph, am, cg, plan: dict, file: str, first: UsageError) -> PassResult:
+    """Whole units first (``cg``: the default analysis), then the rest of the plan, re-indexed, in
+    head-width mode."""
     units = contained_units(graph, cg, plan)
     if not units.any():
         raise first from None
-    sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}
-    gone = compact(graph, cg, units)
-    tracker(am).record(graph, gone, sizes)
+    gone = _remove(graph, am, cg, units)
     propagate(graph)  # the second analysis reads the new shapes
     rest = {}
     for name, dims in plan["params"].items():
@@ -131,7 +135,8 @@ def _replay_in_stages(graph, am, plan: dict, file: str, first: UsageError) -> Pa
             units2 = plan_units(graph, cg, {"version": 1, "params": rest}, file)
         except UsageError:
             raise first from None
-        sizes = {k: tuple(v.shape) for k, v in graph.consts.items()}
-        tracker(am).record(graph, compact(graph, cg, units2), sizes)
+        sliced = set(gone) | set(_remove(graph, am, cg, units2))
         count += int(units2.sum())
-    return PassResult(True, {"units-removed": count, "params-sliced": len(plan["params"])})
+    else:
+        sliced = set(gone)
+    return PassResult(True, {"units-removed": count, "params-sliced": len(sliced)})

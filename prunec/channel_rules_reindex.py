@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .head_views import head_atom
+from .head_views import factor_dim, head_atom
 
 from .channel_rules import _nd, _t, rule
 from .ir import Node
@@ -132,13 +132,9 @@ def view(ctx, n: Node) -> None:
 def _holder(dims: list[int], shape: tuple, atom: tuple[int, int], f: np.ndarray):
     """The dim among ``dims`` (one reshape group) that holds the factor ``atom`` = (stride, size), and
     that dim's index of each fused group element ``f``."""
-    stride, size = atom
-    suffix = math.prod(shape[d] for d in dims)
-    for d in dims:
-        suffix //= shape[d]
-        if suffix <= stride and stride * size <= suffix * shape[d]:
-            return d, (f // suffix) % shape[d]
-    raise AssertionError("head factor outside its reshape group")
+    pos, suffix = factor_dim([shape[d] for d in dims], atom[0])
+    d = dims[pos]
+    return d, (f // suffix) % shape[d]
 
 
 @rule("expand_as", "view_as")

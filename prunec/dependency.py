@@ -96,14 +96,15 @@ def tensors_of(node: Node) -> list[Value]:
 
 class _Builder:
     def __init__(self, graph: Graph, head_dim: bool = False, packed_heads: bool = False):
-        from .head_views import head_paths, head_reshapes, stacked_views
+        from .head_views import head_reshapes, stacked_views
         self.graph_tensors = graph.tensors
         # head-width mode: these reshapes let the head width, not the head count, carry the channel
         self.head_dim = head_dim
-        self.head_views = head_reshapes(graph) if head_dim else set()
+        found, paths = head_reshapes(graph)
+        self.head_views = found if head_dim else set()
         # every reshape between an attention and its projections, with (head count, head width): where
         # one merges the heads with an outer dim (B*H), the heads carry the channel
-        self.head_paths = head_paths(graph)
+        self.head_paths = paths
         # packed q/k/v projections (opt-in: their modules tie the attention width to the input
         # width, so the in-place module follows only where both come out equal): the stack axis
         # is an index, the parts carry the channel

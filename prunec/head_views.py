@@ -12,6 +12,12 @@ first reshape whose input is wider than the head width (through transposes,
 rotary embeddings and the like: any op with an operand of the head width), and
 from its output forward through transposes to the merging reshape.  An
 attention whose reshapes are not found keeps a pinned head width.
+
+The same walks (also from attentions spelled out as ``bmm`` + ``softmax`` +
+``bmm``) record every reshape on their way with the head count and width:
+where one merges the heads with an outer dim (``nn.MultiheadAttention`` with
+batch B: ``[L, B, H*D] -> [L, B*H, D]``), :func:`head_atom` finds the head
+factor so that the heads, not the batch, carry the channel.
 """
 from __future__ import annotations
 
@@ -39,18 +45,10 @@ def _splits(src: Value, width: int) -> bool:
     return bool(src.shape) and src.shape[-1] != width and src.shape[-1] % width == 0
 
 
-def head_reshapes(graph: Graph) -> set[str]:
-    """Names of the split and merge reshape nodes around every attention."""
-    return set(_walk_all(graph)[0])
-
-
-def head_paths(graph: Graph) -> dict[str, tuple[int, int]]:
-    """{reshape node name: (head count, head width)} for every reshape between an attention and its
-    projections (the split and merge reshapes and the ones passed on the way)."""
-    return _walk_all(graph)[1]
-
-
-def _walk_all(graph: Graph) -> tuple[set[str], dict[str, tuple[int, int]]]:
+def head_reshapes(graph: Graph) -> tuple[set[str], dict[str, tuple[int, int]]]:
+    """The reshapes around every attention, found in one walk: (names of the split and merge reshapes,
+    {name: (head count, head width)} for every reshape between an attention and its projections,
+    the ones passed on the way included)."""
     producer = {id(o): n for n in graph.nodes for o in n.outputs}
     consumers = _consumers(graph)
     found: set[str] = set()
@@ -189,15 +187,21 @@ def head_atom(sizes_in: list[int], sizes_out: list[int], heads: int, width: int)
     return factors[k]
 
 
+def factor_dim(sizes: list[int], stride: int) -> tuple[int, int]:
+    """(position in ``sizes``, that dim's stride) of the dim of a reshape group, sizes outermost first,
+    that holds the factor of stride ``stride``."""
+    suffix = 1
+    for pos in range(len(sizes) - 1, -1, -1):
+        if suffix <= stride < suffix * sizes[pos]:
+            return pos, suffix
+        suffix *= sizes[pos]
+    raise ValueError(f"no dim of {sizes} holds stride {stride}")
+
+
 def _span(sizes: list[int], factors: list[tuple[int, int]], k: int) -> set[int]:
     """Indices of the factors held by the dim (of one side) that holds factor ``k``."""
-    stride = factors[k][0]
-    suffix = 1
-    for s in reversed(sizes):
-        if suffix <= stride < suffix * s:
-            return {j for j, (st, _) in enumerate(factors) if suffix <= st < suffix * s}
-        suffix *= s
-    return set()
+    pos, suffix = factor_dim(sizes, factors[k][0])
+    return {j for j, (st, _) in enumerate(factors) if suffix <= st < suffix * sizes[pos]}
 
 
 def stacked_views(graph: Graph) -> dict[str, int]:
