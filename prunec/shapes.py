@@ -55,8 +55,16 @@ def propagate(graph: Graph, update: bool = True) -> dict[Value, tuple]:
         t = graph.tensors[name]
         env[v] = torch.empty(t.shape, dtype=t.dtype, device="meta")
     found: dict[Value, tuple] = {}
+    memo: dict = {}
     for n in graph.nodes:
-        res = infer_node(n, env)
+        # Repeated blocks repeat the same op on the same operand layouts, and some meta
+        # kernels are Python decompositions (about 1 ms each): compute each case once.
+        key = _signature(n, env)
+        res = memo.get(key) if key is not None else None
+        if res is None:
+            res = infer_node(n, env)
+            if key is not None:
+                memo[key] = res
         bind_results(n, res, env)
         for o in n.outputs:
             m = env[o]
@@ -67,3 +75,24 @@ def propagate(graph: Graph, update: bool = True) -> dict[Value, tuple]:
             if update:
                 o.shape, o.dtype = got
     return found
+
+
+def _signature(node: Node, env: dict[Value, Any]):
+    """A hashable key of the op and its operands' layouts, or None (not cacheable)."""
+    def sig(a):
+        if isinstance(a, Value):
+            t = env.get(a)
+            if isinstance(t, torch.Tensor):
+                return ("T", tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
+            return ("S", type(t), t)
+        if isinstance(a, (list, tuple)):
+            return (type(a), tuple(sig(x) for x in a))
+        if isinstance(a, dict):
+            return tuple((k, sig(v)) for k, v in a.items())
+        return (type(a), a)  # 1 and 1.0 promote differently
+    try:
+        key = (node.target, sig(node.args), sig(node.kwargs))
+        hash(key)
+    except TypeError:  # an operand that is not hashable (symbolic sizes)
+        return None
+    return key

@@ -192,3 +192,54 @@ def test_input_shape_that_does_not_fit(tiny):
     with pytest.raises(UsageError, match=r"TinyConvNet cannot be traced with inputs of shape \[1, 5, 8, 8\]: "
                                          r".*; check --input-shape"):
         prunec.compile(tiny[0], input_shapes=["1,5,8,8"])
+
+
+class _InPlace(torch.nn.Module):
+    """In-place ops as models write them: two on one tensor, and one through a
+    full-width slice (exported as ``alias``, as timm's GhostNet does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 1)
+        self.b = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(x)
+        y.add_(z)
+        y.mul_(2.0)       # second in-place op on the same tensor; y is read below
+        out = torch.cat([y, z], 1)[:, :8]  # full width: an alias of the concatenation
+        out += torch.cat([z, y], 1)
+        return out.relu_().sum(1, keepdim=True) + y
+
+
+def test_inplace_ops_are_functionalized_without_decomposition(monkeypatch):
+    from prunec import frontend
+    torch.manual_seed(0)
+    model, x = _InPlace().eval(), torch.randn(1, 3, 5, 5)
+    ep = frontend.export_module(model, (x,))
+    assert frontend._functionalize_inplace(ep.graph_module)  # the fast path, no run_decompositions
+    assert not any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+                   for n in ep.graph.nodes)
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda *a, **k: pytest.fail("took the slow path"))
+    res = prunec.compile(model, (x,), passes="")
+    with torch.no_grad():
+        assert torch.equal(res(x), model(x))
+
+
+def test_inplace_write_to_a_base_read_later_takes_the_general_path():
+    from prunec import frontend
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            v = y[:, :]          # alias of y
+            v.add_(1.0)          # writes y too
+            return y * 3         # reads the base after the write
+
+    x = torch.randn(2, 3)
+    ep = frontend.export_module(M(), (x,))
+    assert not frontend._functionalize_inplace(ep.graph_module)
+    res = prunec.compile(M(), (x,), passes="")
+    assert torch.equal(res(x), M()(x))

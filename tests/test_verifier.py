@@ -104,3 +104,20 @@ def test_inserted_node_checked(graph):
     graph.nodes.insert(graph.nodes.index(relu) + 1, bad)
     with pytest.raises(IRError, match=r"node %bad_add \(add\): operands do not fit"):
         verify(graph)
+
+
+def test_shape_memo_keeps_scalar_types_apart():
+    """propagate computes each (op, operand layouts) once: an int and a float scalar
+    compare equal in Python but promote differently, so they must not share a result."""
+    from prunec.shapes import propagate
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x + 1, x + 1.0, (x * 2).float() + 1
+
+    g = prunec.trace(M(), (torch.arange(6).reshape(2, 3),))
+    for o in g.outputs:
+        o.dtype = None  # forget what the tracer said
+    propagate(g)
+    assert [o.dtype for o in g.outputs] == [torch.int64, torch.float32, torch.float32]
+    verify(g)
