@@ -77,12 +77,17 @@ def graph_head_widths(graph) -> dict[str, int]:
     """Module path -> head width, read from the IR's attention ops and the module each was
     traced in.  A projection width alone is ambiguous after head-width pruning (6 heads of 64
     and 12 heads of 32 are both 384 wide)."""
-    from prunec.head_views import SDPA_OPS
+    from prunec.head_views import SDPA_OPS, bmm_attentions
     out = {}
     for n in graph.nodes:
         stack = n.meta.get("stack") if n.op in SDPA_OPS else None
         if stack and n.args[0].shape:
             out[_traced_in(n)] = n.args[0].shape[-1]
+    producer = {id(o): n for n in graph.nodes for o in n.outputs}
+    for q, _, _, _, result in bmm_attentions(graph):  # "eager" attention: read q's width at weights @ v
+        n = producer.get(id(result))
+        if n is not None and n.meta.get("stack") and q.shape:
+            out[_traced_in(n)] = q.shape[-1]
     return out
 
 

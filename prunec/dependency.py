@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
 from .analysis import Analysis
 from .ir import Graph, Node, Value
@@ -210,8 +208,7 @@ def build(graph: Graph, pins: list[str] = (), head_dim: bool = False, packed_hea
         c = np.concatenate(b.pairs_b)
     else:
         a = c = np.zeros(0, dtype=np.int64)
-    adj = sp.coo_matrix((np.ones(len(a), dtype=np.int8), (a, c)), shape=(b.n, b.n))
-    n_units, labels = connected_components(adj, directed=False)
+    n_units, labels = connected_components(b.n, a, c)
     pinned = np.zeros(n_units, dtype=bool)
     np.logical_or.at(pinned, labels, b.pinned)
     stat = np.zeros(n_units, dtype=bool)
@@ -224,6 +221,33 @@ def build(graph: Graph, pins: list[str] = (), head_dim: bool = False, packed_hea
                       [], b.barriers, b.pin_reason)
     cg.groups = _groups(cg, b.slot_graph)
     return cg
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray]:
+    """Label the components of the undirected graph on ``n`` elements with edges ``a[i] - b[i]``;
+    components are numbered by their smallest element (as a search from element 0 up would).
+
+    Hook-and-shortcut in numpy: every root joins the smallest root it has an edge to, then
+    pointer jumping flattens the trees.  Each round at least halves the number of components
+    that still have an edge between them, so rounds are O(log n).  (scipy's csgraph does the
+    same job, but importing it costs more than the whole analysis of a ResNet.)"""
+    parent = np.arange(n)
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    while len(a):
+        ra, rb = parent[a], parent[b]
+        cross = ra != rb
+        if not cross.any():
+            break
+        a, b, ra, rb = a[cross], b[cross], ra[cross], rb[cross]
+        # roots only ever point to smaller roots, so the forest stays acyclic
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+    roots, labels = np.unique(parent, return_inverse=True)
+    return len(roots), labels.reshape(-1)
 
 
 def _groups(cg: ChannelGraph, slot_graph: nx.Graph) -> list[Group]:

@@ -70,8 +70,9 @@ def head_reshapes(graph: Graph) -> tuple[set[str], dict[str, tuple[int, int]]]:
             paths.update({name: (heads, out.shape[-1]) for name in seen})
     by_name = {m.name: m for m in graph.nodes}
     for q, k, v, weights, out in _bmm_attentions(graph, producer, consumers):
-        # attention spelled out (nn.MultiheadAttention with need_weights=True): only the head paths;
-        # head-width mode stays with SDPA, whose scale prunec can pass explicitly
+        # attention spelled out (Hugging Face "eager" attention, nn.MultiheadAttention with
+        # need_weights=True): its scale is an op of its own with the original width baked in,
+        # so head-width mode keeps the math as with SDPA
         width, mine, seen = q.shape[-1], set(), set()
         for x in (q, k, v):
             if isinstance(x, Value) and x.shape and x.shape[-1] == width:
@@ -83,11 +84,23 @@ def head_reshapes(graph: Graph) -> tuple[set[str], dict[str, tuple[int, int]]]:
         widths = [by_name[m].args[0].shape[-1] for m in sorted(mine) if _splits(by_name[m].args[0], width)]
         if widths:
             paths.update({name: (widths[0] // width, width) for name in seen})
+        found |= mine
     return found, paths
 
 
 _BMM = ("bmm", "baddbmm", "matmul")
 _SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
+# between q @ k^T and the softmax: scale, mask, casts (Hugging Face eager attention has mul, add)
+_SCORE_OPS = ("mul", "div", "add", "sub", "masked_fill", "where", "to", "_to_copy")
+# between the softmax and weights @ v: casts and (inference) dropout
+_WEIGHT_OPS = ("to", "_to_copy", "dropout", "clone", "contiguous", "alias", "detach", "type_as")
+_CHAIN = 4
+
+
+def bmm_attentions(graph: Graph):
+    """(q, k, v, weights, output) of every attention spelled out with matmuls (see below)."""
+    producer = {id(o): n for n in graph.nodes for o in n.outputs}
+    return list(_bmm_attentions(graph, producer, _consumers(graph)))
 
 
 def _bmm_attentions(graph: Graph, producer: dict, consumers: dict):
@@ -96,8 +109,13 @@ def _bmm_attentions(graph: Graph, producer: dict, consumers: dict):
         if n.op not in _SOFTMAX or not isinstance(n.args[0], Value):
             continue
         scores = producer.get(id(n.args[0]))
-        if scores is not None and scores.op in ("mul", "div", "add", "masked_fill"):
-            scores = producer.get(id(scores.args[0])) if isinstance(scores.args[0], Value) else None
+        for _ in range(_CHAIN):
+            if scores is None or scores.op not in _SCORE_OPS:
+                break
+            # the operand that continues the chain (a mask or scale operand leads elsewhere)
+            nxt = [producer.get(id(a)) for a in scores.args if isinstance(a, Value)]
+            nxt = [m for m in nxt if m is not None and (m.op in _BMM or m.op in _SCORE_OPS)]
+            scores = nxt[0] if nxt else None
         if scores is None or scores.op not in _BMM:
             continue
         q, kt = scores.args[-2], scores.args[-1]
@@ -105,9 +123,17 @@ def _bmm_attentions(graph: Graph, producer: dict, consumers: dict):
         if t is None or t.op not in ("transpose", "permute") or not isinstance(q, Value) or len(q.shape) < 3:
             continue
         k = t.args[0]
-        for m in consumers.get(id(n.outputs[0]), ()):
-            if m.op in _BMM and m.args[-2] is n.outputs[0] and isinstance(m.args[-1], Value):
-                yield q, k, m.args[-1], n.outputs[0], m.outputs[0]
+        w = n.outputs[0]
+        for _ in range(_CHAIN):
+            users = consumers.get(id(w), ())
+            mm = [m for m in users if m.op in _BMM and m.args[-2] is w and isinstance(m.args[-1], Value)]
+            if mm:
+                yield q, k, mm[0].args[-1], n.outputs[0], mm[0].outputs[0]
+                break
+            casts = [m for m in users if m.op in _WEIGHT_OPS]
+            if len(casts) != 1:
+                break
+            w = casts[0].outputs[0]
 
 
 def _walk_back(x: Value, width: int, producer: dict, found: set, seen_views: set) -> None:

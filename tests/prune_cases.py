@@ -31,7 +31,12 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def hf_model(name: str) -> tuple[torch.nn.Module, tuple]:
+    """``NAME-eager``: the same model with attention spelled out in matmuls (``attn_implementation="eager"``)."""
     import transformers as T
+    if name.endswith("-eager"):
+        model, inputs = hf_model(name[:-len("-eager")])
+        model.config._attn_implementation = "eager"
+        return model, inputs
     V = 100
     ids = (torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(0)),)
     small = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=V)

@@ -346,3 +346,27 @@ def test_a_stack_axis_that_is_not_only_indexed_is_not_a_packed_projection():
     from prunec.head_views import stacked_views
     g = prunec.trace(Summed().eval(), (torch.randn(1, 8),))
     assert stacked_views(g) == {}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_connected_components_matches_scipy(seed):
+    """The numpy labelling equals scipy's csgraph (same numbering: by smallest element) on
+    random graphs, long chains (many hook rounds) and graphs without edges."""
+    import scipy.sparse as sp  # a test dependency (through scikit-learn), no longer prunec's
+    from scipy.sparse.csgraph import connected_components as reference
+    from prunec.dependency import connected_components
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    if seed == 0:
+        a = b = np.zeros(0, dtype=np.int64)
+    elif seed == 1:  # one long chain in shuffled order
+        perm = rng.permutation(n)
+        a, b = perm[:-1], perm[1:]
+    else:
+        e = int(rng.integers(0, 2 * n))
+        a, b = rng.integers(0, n, e), rng.integers(0, n, e)
+    k, labels = connected_components(n, a, b)
+    adj = sp.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    rk, rlabels = reference(adj, directed=False)
+    assert k == rk
+    assert np.array_equal(labels, rlabels)

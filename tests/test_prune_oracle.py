@@ -3,6 +3,8 @@ import pytest
 import torch
 import torchvision
 
+import prunec
+
 from prune_cases import HF_MODELS, check_pruned, hf_model, randomize_norms
 
 
@@ -20,7 +22,9 @@ def test_transformer_oracle(name):
     check_pruned(randomize_norms(model), inputs)
 
 
-_HEAD_WIDTH = {"bert": "attention_head_size", "llama-gqa": "head_dim", "gpt2": "head_dim"}
+_HEAD_WIDTH = {"bert": "attention_head_size", "llama-gqa": "head_dim", "gpt2": "head_dim",
+               "bert-eager": "attention_head_size", "gpt2-eager": "head_dim"}
+_HEADS = {"bert": "num_attention_heads", "gpt2": "num_heads"}
 
 
 @pytest.mark.parametrize("name", sorted(_HEAD_WIDTH))
@@ -29,13 +33,18 @@ def test_head_width_oracle(name):
     module's head-width attributes follow, and the module still matches the program."""
     model, inputs = hf_model(name)
     attn = [m for m in model.modules() if hasattr(m, _HEAD_WIDTH[name]) and hasattr(m, "scaling")]
-    before = [(getattr(m, _HEAD_WIDTH[name]), m.scaling) for m in attn]
+    heads = _HEADS.get(name.split("-")[0], _HEAD_WIDTH[name])  # (llama: no head-count check)
+    before = [(getattr(m, _HEAD_WIDTH[name]), m.scaling, getattr(m, heads)) for m in attn]
     res = check_pruned(randomize_norms(model), inputs, options=",head-dim=true")
     pruned = [m for m in res["module"].modules() if hasattr(m, _HEAD_WIDTH[name]) and hasattr(m, "scaling")]
-    after = [(getattr(m, _HEAD_WIDTH[name]), m.scaling) for m in pruned]
+    after = [(getattr(m, _HEAD_WIDTH[name]), m.scaling, getattr(m, heads)) for m in pruned]
     assert len(after) == len(before) > 0
-    for (w0, s0), (w1, s1) in zip(before, after):
+    for (w0, s0, h0), (w1, s1, h1) in zip(before, after):
         assert w1 < w0 and s1 == s0  # narrower heads, the original score scale
+        assert heads == _HEAD_WIDTH[name] or h1 == h0  # as many heads as before
+    if name.endswith("-eager"):  # attention spelled out in matmuls, no SDPA in the program
+        ops = {n.op for n in prunec.trace(model, inputs).nodes}
+        assert "matmul" in ops and not ops & {"scaled_dot_product_attention"}
 
 
 @pytest.mark.parametrize("batch", [1, 2])
