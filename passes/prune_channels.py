@@ -152,10 +152,10 @@ class _SlotCaps:
     def __init__(self, cg, group, ratio: float):
         self.unit_slots: dict[int, list[tuple[int, int]]] = {}
         self.left: dict[int, int] = {}
-        units = np.asarray(group.units)
+        every = np.asarray(group.units)  # sorted
         for s in group.slots:
             labels = cg.slot_labels(s)
-            if len(labels) == len(units) and np.array_equal(np.sort(labels), units):
+            if len(labels) == len(every) and np.array_equal(np.sort(labels), every):
                 continue  # holds every unit once: the group's own budget is the tighter limit
             self.left[s] = min(len(labels) - 1, int(math.floor(ratio * len(labels) + 1e-9)))
             units, counts = np.unique(labels, return_counts=True)
