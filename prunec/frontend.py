@@ -195,11 +195,12 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
     """Rewrite ``relu_(x)`` style ops into their functional form, redirecting later
     reads of ``x`` to the result.  Returns False (graph untouched) when some mutation
     is not this simple case: a mutated input, parameter or buffer, or a mutated
-    tensor that has views.  ``run_decompositions({})`` does the same in general but
+    tensor that has views (other than fresh slices written into: ``x[a:b] = v``).  ``run_decompositions({})`` does the same in general but
     costs more than the export itself."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     plan = []
+    last_write: dict = {}  # base -> order of its last write through slices
     for n in nodes:
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
@@ -222,18 +223,64 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
             prev, base = base, base.args[0]
             if any(u is not prev and (order[u] > order[n] or _op_short(u) in _ALIASING) for u in base.users):
                 return False
+        chain = _slice_chain(a, n)
+        if chain is not None:  # x[a:b, c:d] = v (Swin's attention masks): write through slices
+            base = chain[0].args[0]
+            if not _fresh(base) or order[chain[0]] < last_write.get(base, -1):
+                return False  # the slices were taken before an earlier write to the same tensor
+            last_write[base] = order[n]
+            plan.append((n, functional, chain))
+            continue
         if base.op != "call_function" or _op_short(base) in _ALIASING \
                 or any(_op_short(u) in _ALIASING for u in a.users if u is not n):
             return False
         plan.append((n, functional, a))
-    for n, functional, _ in plan:
+    chain_heads = {c[0] for _, _, c in plan if isinstance(c, list)}
+    for base, last in last_write.items():  # a view kept across a write through slices would see it
+        if any(_op_short(u) in _ALIASING and u not in chain_heads and order[u] < last for u in base.users):
+            return False
+    for n, functional, a in plan:
         n.target = functional
+        if isinstance(a, list):
+            _scatter_back(gm.graph, n, a, order)
+            continue
         a = n.args[0]  # an earlier rewrite may have redirected it (two in-place ops on one tensor)
         for u in list(a.users):
             if u is not n and order[u] > order[n]:
                 u.replace_input_with(a, n)
     gm.recompile()
     return True
+
+
+def _fresh(base: fx.Node) -> bool:
+    return base.op == "call_function" and _op_short(base) not in _ALIASING
+
+
+def _slice_chain(a: fx.Node, n: fx.Node) -> list[fx.Node] | None:
+    """``[slice(base), slice(slice(base)), ...]`` (outermost first) when ``a`` is such a chain
+    and each slice is read only by the next one (the last by ``n``)."""
+    chain, user = [], n
+    while a.op == "call_function" and _op_short(a) == "slice" and isinstance(a.args[0], fx.Node) \
+            and list(a.users) == [user]:
+        chain.append(a)
+        user, a = a, a.args[0]
+    return chain[::-1] or None
+
+
+def _scatter_back(graph: fx.Graph, n: fx.Node, chain: list[fx.Node], order: dict) -> None:
+    """After the functional ``n`` computed the new contents of the innermost slice, put it back
+    with ``slice_scatter`` level by level, and let every later reader of the base read the result."""
+    cur = n
+    for c in reversed(chain):
+        src = c.args[0]
+        with graph.inserting_after(cur):
+            cur = graph.call_function(torch.ops.aten.slice_scatter.default, (src, cur, *c.args[1:]), dict(c.kwargs))
+        cur.meta["val"] = src.meta.get("val")
+        cur.meta["nn_module_stack"] = n.meta.get("nn_module_stack")
+    base = chain[0].args[0]  # the newest version of it (an earlier write redirected the slice)
+    for u in list(base.users):
+        if order.get(u, -1) > order[n]:
+            u.replace_input_with(base, cur)
 
 
 def _op_short(n: fx.Node) -> str:

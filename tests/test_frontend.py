@@ -243,3 +243,49 @@ def test_inplace_write_to_a_base_read_later_takes_the_general_path():
     assert not frontend._functionalize_inplace(ep.graph_module)
     res = prunec.compile(M(), (x,), passes="")
     assert torch.equal(res(x), M()(x))
+
+
+class _SliceWrites(torch.nn.Module):
+    """Writes into slices of a fresh tensor, as Swin builds its shifted-window mask."""
+
+    def forward(self, x):
+        mask = x.new_zeros((4, 6))
+        cnt = 0
+        for h in (slice(0, 2), slice(2, 4)):
+            for w in (slice(0, 3), slice(3, 6)):
+                mask[h, w] = cnt          # fill_ through slice(slice(mask))
+                cnt += 1
+        mask[:, 1:5] += x[0, :, 1:5]     # add_ through one slice, reading the earlier writes
+        return x + mask, mask.sum()
+
+
+def test_writes_through_slices_are_functionalized(monkeypatch):
+    from prunec import frontend
+    x = torch.randn(2, 4, 6)
+    ep = frontend.export_module(_SliceWrites(), (x,))
+    assert frontend._functionalize_inplace(ep.graph_module)
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.slice_scatter.default in ops
+    assert not any(isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable for t in ops)
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda *a, **k: pytest.fail("took the slow path"))
+    res = prunec.compile(_SliceWrites(), (x,), passes="")
+    for got, want in zip(res(x), _SliceWrites()(x)):
+        assert torch.equal(got, want)
+
+
+def test_a_view_kept_across_a_slice_write_takes_the_general_path():
+    from prunec import frontend
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            buf = x * 1.0
+            row = buf[0]          # a view taken before the write ...
+            buf[:, 0:2] = 0.0
+            return row * 2        # ... and read after it: sees the write
+
+    x = torch.randn(3, 4)
+    ep = frontend.export_module(M(), (x,))
+    assert not frontend._functionalize_inplace(ep.graph_module)
+    res = prunec.compile(M(), (x,), passes="")
+    assert torch.equal(res(x), M()(x))
