@@ -200,7 +200,8 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     plan = []
-    last_write: dict = {}  # base -> order of its last write through slices
+    last_write: dict = {}  # base -> order of its last write (through slices, or directly after them)
+    heads: set = set()     # the outermost slice of every write through slices planned so far
     for n in nodes:
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
@@ -229,15 +230,18 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
             if not _fresh(base) or order[chain[0]] < last_write.get(base, -1):
                 return False  # the slices were taken before an earlier write to the same tensor
             last_write[base] = order[n]
+            heads.add(chain[0])
             plan.append((n, functional, chain))
             continue
+        # views of ``a`` other than the slices already written through would see this write
         if base.op != "call_function" or _op_short(base) in _ALIASING \
-                or any(_op_short(u) in _ALIASING for u in a.users if u is not n):
+                or any(_op_short(u) in _ALIASING and u not in heads for u in a.users if u is not n):
             return False
+        if a is base:
+            last_write[a] = order[n]
         plan.append((n, functional, a))
-    chain_heads = {c[0] for _, _, c in plan if isinstance(c, list)}
     for base, last in last_write.items():  # a view kept across a write through slices would see it
-        if any(_op_short(u) in _ALIASING and u not in chain_heads and order[u] < last for u in base.users):
+        if any(_op_short(u) in _ALIASING and u not in heads and order[u] < last for u in base.users):
             return False
     for n, functional, a in plan:
         n.target = functional
@@ -256,11 +260,15 @@ def _fresh(base: fx.Node) -> bool:
     return base.op == "call_function" and _op_short(base) not in _ALIASING
 
 
+# a view written through, and the op that puts the written view back (same trailing arguments)
+_SCATTER = {"slice": torch.ops.aten.slice_scatter.default, "select": torch.ops.aten.select_scatter.default}
+
+
 def _slice_chain(a: fx.Node, n: fx.Node) -> list[fx.Node] | None:
-    """``[slice(base), slice(slice(base)), ...]`` (outermost first) when ``a`` is such a chain
-    and each slice is read only by the next one (the last by ``n``)."""
+    """``[slice(base), slice(slice(base)), ...]`` (outermost first; ``select`` too) when ``a`` is
+    such a chain and each view is read only by the next one (the last by ``n``)."""
     chain, user = [], n
-    while a.op == "call_function" and _op_short(a) == "slice" and isinstance(a.args[0], fx.Node) \
+    while a.op == "call_function" and _op_short(a) in _SCATTER and isinstance(a.args[0], fx.Node) \
             and list(a.users) == [user]:
         chain.append(a)
         user, a = a, a.args[0]
@@ -274,7 +282,7 @@ def _scatter_back(graph: fx.Graph, n: fx.Node, chain: list[fx.Node], order: dict
     for c in reversed(chain):
         src = c.args[0]
         with graph.inserting_after(cur):
-            cur = graph.call_function(torch.ops.aten.slice_scatter.default, (src, cur, *c.args[1:]), dict(c.kwargs))
+            cur = graph.call_function(_SCATTER[_op_short(c)], (src, cur, *c.args[1:]), dict(c.kwargs))
         cur.meta["val"] = src.meta.get("val")
         cur.meta["nn_module_stack"] = n.meta.get("nn_module_stack")
     base = chain[0].args[0]  # the newest version of it (an earlier write redirected the slice)

@@ -289,3 +289,27 @@ def test_a_view_kept_across_a_slice_write_takes_the_general_path():
     assert not frontend._functionalize_inplace(ep.graph_module)
     res = prunec.compile(M(), (x,), passes="")
     assert torch.equal(res(x), M()(x))
+
+
+def test_shift_tokens_right_pattern_is_functionalized(monkeypatch):
+    """BART's shift_tokens_right: a slice write, a select write, then an in-place op on the
+    whole tensor that reads both."""
+    from prunec import frontend
+
+    class Shift(torch.nn.Module):
+        def forward(self, x):
+            y = x.new_zeros(x.shape)
+            y[:, 1:] = x[:, :-1].clone()
+            y[:, 0] = 7.0
+            y.masked_fill_(y == 0.5, -1.0)
+            return y * 2
+
+    x = torch.tensor([[0.5, 1.0, 2.0], [3.0, 0.5, 4.0]])
+    ep = frontend.export_module(Shift(), (x,))
+    assert frontend._functionalize_inplace(ep.graph_module)
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.select_scatter.default in ops and torch.ops.aten.slice_scatter.default in ops
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda *a, **k: pytest.fail("took the slow path"))
+    res = prunec.compile(Shift(), (x,), passes="")
+    assert torch.equal(res(x), Shift()(x))
