@@ -228,9 +228,10 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.
     components are numbered by their smallest element (as a search from element 0 up would).
 
     Hook-and-shortcut in numpy: every root joins the smallest root it has an edge to, then
-    pointer jumping flattens the trees.  Each round at least halves the number of components
-    that still have an edge between them, so rounds are O(log n).  (scipy's csgraph does the
-    same job, but importing it costs more than the whole analysis of a ResNet.)"""
+    pointer jumping flattens the trees.  Each round merges at least the largest root that still
+    has an edge to another tree, so the loop ends; in practice it takes a few rounds (a chain
+    in any order: one).  (scipy's csgraph does the same job, but importing it costs more than
+    the whole analysis of a ResNet.)"""
     parent = np.arange(n)
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     while len(a):

@@ -195,8 +195,9 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
     """Rewrite ``relu_(x)`` style ops into their functional form, redirecting later
     reads of ``x`` to the result.  Returns False (graph untouched) when some mutation
     is not this simple case: a mutated input, parameter or buffer, or a mutated
-    tensor that has views (other than fresh slices written into: ``x[a:b] = v``).  ``run_decompositions({})`` does the same in general but
-    costs more than the export itself."""
+    tensor that has views (other than fresh slices written into: ``x[a:b] = v``).
+    ``run_decompositions({})`` does the same in general but costs more than the
+    export itself."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     plan = []
@@ -234,8 +235,7 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
             plan.append((n, functional, chain))
             continue
         # views of ``a`` other than the slices already written through would see this write
-        if base.op != "call_function" or _op_short(base) in _ALIASING \
-                or any(_op_short(u) in _ALIASING and u not in heads for u in a.users if u is not n):
+        if not _fresh(base) or any(_op_short(u) in _ALIASING and u not in heads for u in a.users if u is not n):
             return False
         if a is base:
             last_write[a] = order[n]
@@ -257,6 +257,7 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
 
 
 def _fresh(base: fx.Node) -> bool:
+    """A tensor the program computed itself, not a view (nor an input, parameter or buffer)."""
     return base.op == "call_function" and _op_short(base) not in _ALIASING
 
 
