@@ -8,7 +8,8 @@ input_size); the final classifier is left alone.
 
 * prunec: ``prunec.compile(model, (x,), passes="prune-channels{ratio=R}")``, run as its two
   steps (``prunec.trace`` then ``compile_graph``) so that the table also shows the tracing
-  time (``torch.export`` and the conversion to prunec's IR) in parentheses.
+  time (the recorder, or ``torch.export`` where it declines, and the conversion to prunec's IR)
+  in parentheses; a trace by ``torch.export`` is marked "E".
 * Torch-Pruning: ``tp.pruner.MagnitudePruner(model, x,
   importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=R,
   ignored_layers=[classifier])`` then ``pruner.step()``.
@@ -141,6 +142,7 @@ def worker(tool: str, suite: str, name: str, ratio: float) -> dict:
         # prunec.compile(model, (x,), passes=...) in its two steps, to time the tracing apart
         graph = prunec.trace(model, (x,))
         res["trace_s"] = time.perf_counter() - t0
+        res["tracer"] = graph.tracer
         result = compile_graph(graph, (x,), f"prune-channels{{ratio={ratio}}}", module=model,
                                source=type(model).__name__)
         res["time_s"] = time.perf_counter() - t0
@@ -313,7 +315,9 @@ def render(results: dict, models: list[tuple[str, str]], ratio: float, cap_gb: f
                 if not r or not r.get("ok"):
                     return ["–"] * 4 if not r or "time_s" not in r else \
                         ["–", "–", f"{r['time_s']:.1f}", fmt_int(r.get("rss_bytes"), "B")]
-                t = f"{r['time_s']:.1f}" + (f" ({r['trace_s']:.1f})" if "trace_s" in r else "")
+                t = f"{r['time_s']:.1f}" + (f" ({r['trace_s']:.1f}" + (" E" if r.get("tracer", "recorder")
+                                                                        != "recorder" else "") + ")"
+                                            if "trace_s" in r else "")
                 return [fmt_int(r.get("params_after")), fmt_int(r.get("flops_after")), t,
                         fmt_int(r.get("rss_bytes"), "B")]
             if pc and "oracle_err" in pc:

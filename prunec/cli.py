@@ -21,6 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="SHAPE[:DTYPE]",
                    help="example input shape, e.g. 1,3,224,224 or 1,128:int64 (repeat for several inputs)")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt module (runs its code)")
+    p.add_argument("--tracer", choices=("auto", "export"), default="auto",
+                   help="auto: record one forward pass, torch.export where that cannot stand for the program "
+                        "(the report says which ran); export: always torch.export")
     p.add_argument("--load-passes", action="append", default=[], metavar="FILE.py",
                    help="import a Python file that registers passes with @register_pass")
 
@@ -141,7 +144,7 @@ def cmd_compile(args) -> int:
         result = compile(args.model, passes=args.passes, target=tgt.kind if tgt.kind == "torch" else args.target,
                          input_shapes=args.input_shape, trust_pickle=args.trust_pickle,
                          verify_each=not args.no_verify_each, instrumentations=insts,
-                         dump_dir=args.dump_dir, in_place=True, target_options=options)
+                         dump_dir=args.dump_dir, in_place=True, target_options=options, tracer=args.tracer)
         write_torch_outputs(result, tmp)
         if result.artifact is not None:
             result.artifact.save(tmp, result)
@@ -171,7 +174,7 @@ def cmd_inspect(args) -> int:
     from .inspect_model import summarize, format_summary
     _load_user_passes(args)
     loaded, inputs = prepare(args.model, None, args.input_shape, args.trust_pickle)
-    graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs)
+    graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs, tracer=args.tracer)
     summary = summarize(graph, head_dim=args.head_dim, packed_heads=args.packed_heads)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))

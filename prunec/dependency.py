@@ -18,7 +18,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 
 from .analysis import Analysis
@@ -121,8 +120,7 @@ class _Builder:
         self.pin_reason: dict[int, str] = {}
         self.pairs_a: list[np.ndarray] = []
         self.pairs_b: list[np.ndarray] = []
-        self.slot_graph = nx.Graph()
-        self.slot_graph.add_nodes_from(range(len(self.slots)))
+        self.slot_edges: list[tuple[int, int]] = []  # slots linked by some channel pair
         self.barriers: list[Barrier] = []
 
     def add_pairs(self, sa: int, ia: np.ndarray, sb: int, ib: np.ndarray) -> None:
@@ -133,7 +131,7 @@ class _Builder:
         self.pairs_a.append(self.offset[sa] + ia)
         self.pairs_b.append(self.offset[sb] + ib)
         if sa != sb:
-            self.slot_graph.add_edge(sa, sb)
+            self.slot_edges.append((sa, sb))
 
     def pin_slot(self, s: int, why: str) -> None:
         self.pinned[self.offset[s]:self.offset[s] + self.size[s]] = True
@@ -167,6 +165,7 @@ class ChannelGraph:
     groups: list[Group]
     barriers: list[Barrier]
     pin_reason: dict[int, str]
+    slot_edges: list[tuple[int, int]] = field(default_factory=list)
 
     def slot_labels(self, s: int) -> np.ndarray:
         return self.labels[self.offset[s]:self.offset[s] + self.size[s]]
@@ -177,6 +176,16 @@ class ChannelGraph:
     def slot_name(self, s: int) -> str:
         v, d = self.slots[s]
         return f"{v!r}[{d}]"
+
+    def slot_graph(self):
+        """The slots as a networkx graph (nodes: slot indices; an edge where a channel rule linked
+        two slots), for walking the dependencies by hand.  Built on demand: importing networkx
+        costs more than the whole analysis of a ResNet."""
+        import networkx as nx
+        g = nx.Graph()
+        g.add_nodes_from(range(len(self.slots)))
+        g.add_edges_from(self.slot_edges)
+        return g
 
 
 def build(graph: Graph, pins: list[str] = (), head_dim: bool = False, packed_heads: bool = False) -> ChannelGraph:
@@ -218,8 +227,8 @@ def build(graph: Graph, pins: list[str] = (), head_dim: bool = False, packed_hea
         if v.kind == "parameter":
             has_param[labels[b.offset[s]:b.offset[s] + b.size[s]]] = True
     cg = ChannelGraph(graph, b.slots, b.slot_id, b.size, b.offset, labels, pinned, stat, has_param,
-                      [], b.barriers, b.pin_reason)
-    cg.groups = _groups(cg, b.slot_graph)
+                      [], b.barriers, b.pin_reason, b.slot_edges)
+    cg.groups = _groups(cg)
     return cg
 
 
@@ -251,10 +260,15 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.
     return len(roots), labels.reshape(-1)
 
 
-def _groups(cg: ChannelGraph, slot_graph: nx.Graph) -> list[Group]:
+def _groups(cg: ChannelGraph) -> list[Group]:
+    """One group per connected set of slots (in order of their smallest slot) that holds a parameter."""
+    e = np.array(cg.slot_edges, dtype=np.int64).reshape(-1, 2)
+    n_comp, comp_of = connected_components(len(cg.slots), e[:, 0], e[:, 1])
+    members = np.argsort(comp_of, kind="stable")
+    bounds = np.searchsorted(comp_of[members], np.arange(n_comp + 1))
     groups = []
-    for comp in nx.connected_components(slot_graph):
-        slots = sorted(comp)
+    for c in range(n_comp):
+        slots = members[bounds[c]:bounds[c + 1]].tolist()
         params = [s for s in slots if cg.slots[s][0].kind == "parameter"]
         if not params:
             continue

@@ -82,17 +82,18 @@ def prepare(model: Any, example_inputs: Sequence | None = None, input_shapes: Se
 def compile(model: Any, example_inputs: Sequence | None = None, passes: str = "", target: str = "torch", *,
             input_shapes: Sequence[str] = (), trust_pickle: bool = False, verify_each: bool = True,
             instrumentations: Sequence[Instrumentation] = (), dump_dir: str | None = None,
-            in_place: bool = True, target_options: dict | None = None) -> CompileResult:
+            in_place: bool = True, target_options: dict | None = None, tracer: str = "auto") -> CompileResult:
     """Compile ``model`` through the pipeline ``passes`` for ``target``.
 
     ``.module`` is the user's module updated in place (None if that is impossible;
     ``.module_problems`` says why), ``.program`` the ``torch.export`` program,
-    ``.report`` the per-pass report, ``.plan`` the pruning plan (if any)."""
+    ``.report`` the per-pass report, ``.plan`` the pruning plan (if any).  ``tracer``: see
+    ``prunec.trace``."""
     if target not in TARGETS:
         from .target import parse_target
         parse_target(target)  # raises a clear error for unknown targets
     loaded, inputs = prepare(model, example_inputs, input_shapes, trust_pickle)
-    graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs)
+    graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs, tracer=tracer)
     return compile_graph(graph, inputs, passes, target, module=loaded.module if in_place else None,
                          source=loaded.source, verify_each=verify_each, instrumentations=instrumentations,
                          dump_dir=dump_dir, target_options=target_options)
@@ -125,7 +126,7 @@ def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str = "
         out_module = module if upd.ok else None
         config_fields = (upd.config_rewritten, upd.config_not_rewritten)
     plan = am.plan_tracker.plan() if getattr(am, "plan_tracker", None) else None
-    report = make_report(source, passes, target, before, after, records, problems)
+    report = make_report(source, passes, target, before, after, records, problems, graph.tracer)
     # Hugging Face ``model.config`` of the in-place module: fields rewritten ({field: [old, new]}) and
     # "field: why" lines for fields (or parameter shapes) the config could not be made to express
     report["hf-config"] = {"rewritten": config_fields[0], "not-rewritten": config_fields[1]}
@@ -137,11 +138,11 @@ def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str = "
     return result
 
 
-def make_report(source, passes, target, before, after, records: list[PassRecord], problems) -> dict:
+def make_report(source, passes, target, before, after, records: list[PassRecord], problems, tracer: str = "") -> dict:
     def ratio(a, b):
         return round(a / b, 4) if b else None
     return {
-        "model": source, "pipeline": str(passes), "target": target,
+        "model": source, "pipeline": str(passes), "target": target, "tracer": tracer,
         "before": before.as_dict(), "after": after.as_dict(),
         "ratios": {"params": ratio(before.params, after.params), "flops": ratio(before.flops, after.flops),
                    "bytes": ratio(before.bytes, after.bytes)},

@@ -163,11 +163,15 @@ def _program_inputs(ep: torch.export.ExportedProgram) -> tuple | None:
 
 # ---- tracing -----------------------------------------------------------------
 
-def export_module(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+def _prepare(module: torch.nn.Module) -> None:
     module.eval()
     cfg = getattr(module, "config", None)
     if getattr(cfg, "use_cache", False):  # Hugging Face: a KV cache object is not a traceable output
         cfg.use_cache = False
+
+
+def export_module(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    _prepare(module)
     import torch.fx.config as fx_config
     emit = fx_config.do_not_emit_stack_traces
     fx_config.do_not_emit_stack_traces = True  # nothing reads them; recording costs 10-20% of export
@@ -191,14 +195,14 @@ _ALIASING = {"view", "_unsafe_view", "reshape", "expand", "expand_as", "permute"
              "movedim", "swapaxes", "unfold", "indices", "values", "real", "imag"}
 
 
-def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
+def _functionalize_inplace(graph: fx.Graph) -> bool:
     """Rewrite ``relu_(x)`` style ops into their functional form, redirecting later
     reads of ``x`` to the result.  Returns False (graph untouched) when some mutation
     is not this simple case: a mutated input, parameter or buffer, or a mutated
     tensor that has views (other than fresh slices written into: ``x[a:b] = v``).
     ``run_decompositions({})`` does the same in general but costs more than the
     export itself."""
-    nodes = list(gm.graph.nodes)
+    nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     plan = []
     last_write: dict = {}  # base -> order of its last write (through slices, or directly after them)
@@ -246,13 +250,12 @@ def _functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
     for n, functional, a in plan:
         n.target = functional
         if isinstance(a, list):
-            _scatter_back(gm.graph, n, a, order)
+            _scatter_back(graph, n, a, order)
             continue
         a = n.args[0]  # an earlier rewrite may have redirected it (two in-place ops on one tensor)
         for u in list(a.users):
             if u is not n and order[u] > order[n]:
                 u.replace_input_with(a, n)
-    gm.recompile()
     return True
 
 
@@ -297,17 +300,31 @@ def _op_short(n: fx.Node) -> str:
     return t._schema.name.split("::")[-1] if isinstance(t, torch._ops.OpOverload) else ""
 
 
-def trace(module_or_program, example_inputs: tuple | None = None) -> Graph:
-    decomposed = True
+def trace(module_or_program, example_inputs: tuple | None = None, tracer: str = "auto") -> Graph:
+    """Trace a module (or take a loaded program) into prunec's IR.
+
+    ``tracer="auto"`` records one real forward pass (``prunec.recorder``) and falls back
+    to ``torch.export`` where a recording cannot stand for the program; ``"export"``
+    always uses ``torch.export``."""
+    if tracer not in ("auto", "export"):
+        raise UsageError(f"tracer={tracer!r}: use 'auto' or 'export'")
+    decomposed, note = True, "torch.export"
     if isinstance(module_or_program, torch.export.ExportedProgram):
         ep = module_or_program.run_decompositions({})  # a loaded program: never edit the caller's
     else:
+        if tracer == "auto":
+            graph, why = _record(module_or_program, example_inputs)
+            if graph is not None:
+                return graph
+            note = f"torch.export (the recorder declined: {why})"
         ep = export_module(module_or_program, example_inputs)
-        if _functionalize_inplace(ep.graph_module):
+        if _functionalize_inplace(ep.graph):
+            ep.graph_module.recompile()
             decomposed = False
         else:
             ep = ep.run_decompositions({})
     graph = from_exported_program(ep)
+    graph.tracer = note
     if decomposed:
         # After decomposition, fake-tensor and meta shape functions disagree on a few
         # unused side outputs (batch norm's saved statistics); the verifier uses meta,
@@ -318,26 +335,53 @@ def trace(module_or_program, example_inputs: tuple | None = None) -> Graph:
     return graph
 
 
+def _record(module: torch.nn.Module, example_inputs: tuple) -> tuple[Graph | None, str]:
+    """The recorder's graph, or None and why it declined."""
+    from .recorder import Unrecordable, record
+    _prepare(module)
+    try:
+        g, specs, out_spec = record(module, tuple(example_inputs))
+        if not _functionalize_inplace(g):
+            raise Unrecordable("an in-place op the functionalization does not cover")
+    except Unrecordable as e:
+        return None, str(e)
+    graph = _to_ir(g, specs, out_spec)
+    graph.tracer = "recorder"
+    return graph, ""
+
+
 def from_exported_program(ep: torch.export.ExportedProgram) -> Graph:
-    sig = ep.graph_signature
+    specs = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            specs.append(("input", spec.arg.name, None))
+        else:
+            kind = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}.get(spec.kind, "constant")
+            name = spec.target
+            specs.append((kind, name, ep.state_dict[name] if name in ep.state_dict else ep.constants[name]))
+    user = [spec.kind == OutputKind.USER_OUTPUT for spec in ep.graph_signature.output_specs]
+    return _to_ir(ep.graph, specs, ep.call_spec.out_spec if ep.call_spec else None, user)
+
+
+def _to_ir(fx_graph: fx.Graph, specs: list, out_spec, user_outputs: list[bool] | None = None) -> Graph:
+    """Convert an ATen-level fx graph into the IR.  ``specs`` gives, per placeholder,
+    (kind, name, tensor): every value is named by ``name`` (an input's name as ``forward``
+    calls it, a constant's fully qualified name); constants hold ``tensor``."""
     env: dict[fx.Node, Any] = {}
     inputs: list[Value] = []
     input_names: list[str] = []
     consts: dict[str, Value] = {}
     tensors: dict[str, torch.Tensor] = {}
-    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    for fxn, spec in zip(placeholders, sig.input_specs):
-        val = fxn.meta.get("val")
-        if spec.kind == InputKind.USER_INPUT:
+    placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    for fxn, (kind, name, t) in zip(placeholders, specs):
+        if kind == "input":
+            val = fxn.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 raise UsageError(f"input {fxn.name} is not a tensor; prunec traces tensor inputs only")
-            v = Value(fxn.name, val.shape, val.dtype, kind="input")
+            v = Value(name, val.shape, val.dtype, kind="input")
             inputs.append(v)
-            input_names.append(fxn.name)
+            input_names.append(name)
         else:
-            kind = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}.get(spec.kind, "constant")
-            name = spec.target
-            t = ep.state_dict.get(name) if name in ep.state_dict else ep.constants[name]
             t = t.detach()
             if isinstance(t, torch.nn.Parameter):
                 t = t.data
@@ -347,7 +391,7 @@ def from_exported_program(ep: torch.export.ExportedProgram) -> Graph:
         env[fxn] = v
 
     nodes: list[Node] = []
-    for fxn in ep.graph.nodes:
+    for fxn in fx_graph.nodes:
         if fxn.op != "call_function":
             continue
         if fxn.target is _getitem:
@@ -361,6 +405,10 @@ def from_exported_program(ep: torch.export.ExportedProgram) -> Graph:
         for i, t in enumerate(vals):
             name = fxn.name if not multi else f"{fxn.name}_{i}"
             if isinstance(t, torch.Tensor):
+                if not all(isinstance(d, int) for d in t.shape):
+                    raise UsageError(f"node {fxn.name} ({_op_short(fxn) or fxn.target}): its output shape "
+                                     f"{list(t.shape)} depends on tensor values; prunec needs static shapes "
+                                     f"(compute the shape from input shapes, or mask instead of indexing)")
                 outs.append(Value(name, t.shape, t.dtype))
             else:
                 outs.append(Value(name, (), torch.float32, kind="activation"))
@@ -370,12 +418,9 @@ def from_exported_program(ep: torch.export.ExportedProgram) -> Graph:
         nodes.append(node)
         env[fxn] = outs if multi else outs[0]
 
-    out_node = next(n for n in ep.graph.nodes if n.op == "output")
-    outputs = []
-    for a, spec in zip(out_node.args[0], sig.output_specs):
-        if spec.kind == OutputKind.USER_OUTPUT:
-            outputs.append(env[a])
-    out_spec = ep.call_spec.out_spec if ep.call_spec else None
+    out_node = next(n for n in fx_graph.nodes if n.op == "output")
+    outs = out_node.args[0]
+    outputs = [env[a] for i, a in enumerate(outs) if user_outputs is None or user_outputs[i]]
     return Graph(inputs, nodes, outputs, consts, tensors, out_spec, input_names)
 
 

@@ -25,7 +25,8 @@ def summarize(graph: Graph, head_dim: bool = False, packed_heads: bool = False) 
     out = {"inputs": [{"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)} for v in graph.inputs],
            "outputs": [{"name": v.name, "shape": list(v.shape)} for v in graph.outputs],
            "params": cost.params, "flops": cost.flops, "bytes": cost.bytes,
-           "ops": dict(Counter(n.op for n in graph.nodes).most_common()), "layers": layers}
+           "ops": dict(Counter(n.op for n in graph.nodes).most_common()), "layers": layers,
+           "tracer": graph.tracer}
     try:
         from .dependency import build, groups_summary
     except ImportError:
@@ -39,6 +40,7 @@ def format_summary(s: dict) -> str:
     lines = ["inputs:  " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in s["inputs"]),
              "outputs: " + ", ".join(f"{o['name']} {o['shape']}" for o in s["outputs"]),
              f"params: {s['params']:,}   FLOPs: {s['flops']:,}   bytes: {s['bytes']:,}",
+             f"traced by: {s['tracer'] or '-'}",
              "ops: " + ", ".join(f"{k} x{v}" for k, v in s["ops"].items()), "", "layers:"]
     for layer in s["layers"]:
         lines.append(f"  %{layer['node']:<28} {layer['op']:<24} weight={layer['weight']} out={layer['output']}"

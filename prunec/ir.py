@@ -137,6 +137,8 @@ class Graph:
     # Structural edits the torch backend replays on the user's module (e.g. a folded
     # batch norm becomes nn.Identity); each has ``apply(module)`` and ``describe()``.
     module_edits: list = field(default_factory=list)
+    # How the graph was traced ("recorder", or "torch.export" and why the recorder declined)
+    tracer: str = ""
 
     # ---- queries -------------------------------------------------------
     def values(self) -> Iterator[Value]:
@@ -221,7 +223,7 @@ class Graph:
                               [cp(o) for o in n.outputs], n.multi, dict(n.meta)))
         return Graph(inputs, nodes, [cp(v) for v in self.outputs], consts, dict(self.tensors),
                      self.out_spec, list(self.input_names),
-                     {k: dict(v) for k, v in self.annotations.items()}, list(self.module_edits))
+                     {k: dict(v) for k, v in self.annotations.items()}, list(self.module_edits), self.tracer)
 
 
 # ---- execution ------------------------------------------------------------

@@ -88,6 +88,7 @@ def _cases(root):
                                "--passes", "user-scale{factor=3.0},dce", "-o", "out"], d("compile-user-pass")),
         "inspect": (["inspect", tiny, *cnn, "--ir"], d("inspect")),
         "inspect-json": (["inspect", tiny, *cnn, "--json"], d("inspect-json")),
+        "inspect-export": (["inspect", tiny, *cnn, "--ir", "--tracer", "export"], d("inspect-export")),
         "passes": (["passes"], d("passes")),
         # bad input: one error line, exit code 2, nothing left behind
         "bad-missing-file": (["compile", os.path.join(data, "missing.pt2"), "-o", "out"], d("bad-missing-file")),
@@ -102,6 +103,7 @@ def _cases(root):
         "bad-exists": (["compile", tiny, *cnn, "-o", "out"], exists),
         "bad-pickle": (["compile", os.path.join(data, "model.pt"), *cnn, "-o", "out"], d("bad-pickle")),
         "bad-usage": (["compile", tiny], d("bad-usage")),
+        "bad-tracer": (["inspect", tiny, *cnn, "--tracer", "fx"], d("bad-tracer")),
     }
     return cases
 
@@ -186,6 +188,7 @@ def test_inspect(runs):
     assert r.rc == 0, r
     assert r.out.startswith("inputs:  input [1, 3, 16, 16] torch.float32\n")
     assert "params: 267   FLOPs: 110,640" in r.out and "layers:" in r.out
+    assert "\ntraced by: recorder\n" in r.out
     assert "%conv2d" in r.out and "graph(%input: f32[1,3,16,16]) {" in r.out
     r = runs["inspect-json"]
     assert r.rc == 0, r
@@ -193,6 +196,13 @@ def test_inspect(runs):
     assert s["params"] == 267 and s["inputs"][0]["shape"] == [1, 3, 16, 16]
     assert [l["op"] for l in s["layers"]][:2] in (["conv2d", "batch_norm"], ["conv2d", "_native_batch_norm_legit_no_training"])
     assert s["layers"][0]["weight"] == [8, 3, 3, 3] and s["flops"] > 0
+
+
+def test_inspect_with_torch_export_gives_the_same_ir(runs):
+    rec, exp = runs["inspect"], runs["inspect-export"]
+    assert exp.rc == 0, exp
+    assert "\ntraced by: torch.export\n" in exp.out
+    assert exp.out.replace("traced by: torch.export", "traced by: recorder") == rec.out
 
 
 def test_passes_lists_registry(runs):
@@ -217,6 +227,7 @@ BAD = {
     "bad-exists": r"out: output directory exists; pass --force to replace it",
     "bad-pickle": r"model.pt: loading a pickled module runs code from the file; pass --trust-pickle",
     "bad-usage": r"prunec compile: the following arguments are required: -o/--output",
+    "bad-tracer": r"prunec inspect: argument --tracer: invalid choice: 'fx' \(choose from '?auto'?, '?export'?\)",
 }
 
 

@@ -218,7 +218,7 @@ def test_inplace_ops_are_functionalized_without_decomposition(monkeypatch):
     torch.manual_seed(0)
     model, x = _InPlace().eval(), torch.randn(1, 3, 5, 5)
     ep = frontend.export_module(model, (x,))
-    assert frontend._functionalize_inplace(ep.graph_module)  # the fast path, no run_decompositions
+    assert frontend._functionalize_inplace(ep.graph)  # the fast path, no run_decompositions
     assert not any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
                    for n in ep.graph.nodes)
     monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
@@ -240,7 +240,7 @@ def test_inplace_write_to_a_base_read_later_takes_the_general_path():
 
     x = torch.randn(2, 3)
     ep = frontend.export_module(M(), (x,))
-    assert not frontend._functionalize_inplace(ep.graph_module)
+    assert not frontend._functionalize_inplace(ep.graph)
     res = prunec.compile(M(), (x,), passes="")
     assert torch.equal(res(x), M()(x))
 
@@ -263,7 +263,7 @@ def test_writes_through_slices_are_functionalized(monkeypatch):
     from prunec import frontend
     x = torch.randn(2, 4, 6)
     ep = frontend.export_module(_SliceWrites(), (x,))
-    assert frontend._functionalize_inplace(ep.graph_module)
+    assert frontend._functionalize_inplace(ep.graph)
     ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.slice_scatter.default in ops
     assert not any(isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable for t in ops)
@@ -286,7 +286,7 @@ def test_a_view_kept_across_a_slice_write_takes_the_general_path():
 
     x = torch.randn(3, 4)
     ep = frontend.export_module(M(), (x,))
-    assert not frontend._functionalize_inplace(ep.graph_module)
+    assert not frontend._functionalize_inplace(ep.graph)
     res = prunec.compile(M(), (x,), passes="")
     assert torch.equal(res(x), M()(x))
 
@@ -306,7 +306,7 @@ def test_shift_tokens_right_pattern_is_functionalized(monkeypatch):
 
     x = torch.tensor([[0.5, 1.0, 2.0], [3.0, 0.5, 4.0]])
     ep = frontend.export_module(Shift(), (x,))
-    assert frontend._functionalize_inplace(ep.graph_module)
+    assert frontend._functionalize_inplace(ep.graph)
     ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.select_scatter.default in ops and torch.ops.aten.slice_scatter.default in ops
     monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
