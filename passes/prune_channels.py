@@ -93,6 +93,8 @@ def unit_scores(graph: Graph, cg, criterion: str, am, seed: int) -> np.ndarray:
         if not t.is_floating_point():
             continue
         labels = cg.slot_labels(s)
+        if cg.unit_pinned[labels].all():
+            continue  # no unit here can go (kernel taps, pinned channels): a full read of t for nothing
         if criterion == "taylor":
             g = grads.get(v.name)
             vec = _slice_scores(t * g, d, "l1") if g is not None else np.zeros(t.shape[d])

@@ -11,6 +11,14 @@ from .head_views import SDPA_OPS
 from .ir import Graph, Node, Value
 
 
+def complement(n: int, idx) -> np.ndarray:
+    """The indices of ``range(n)`` not in ``idx``, sorted (a mask: ``np.setdiff1d`` sorts and
+    de-duplicates both sides, 10x slower at these sizes)."""
+    keep = np.ones(n, dtype=bool)
+    keep[np.asarray(idx, dtype=np.int64)] = False
+    return np.flatnonzero(keep)
+
+
 def removal_map(cg: ChannelGraph, removed_units: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
     """(id(value), dim) -> sorted indices removed along that dim."""
     out = {}
@@ -102,7 +110,7 @@ def compact(graph: Graph, cg: ChannelGraph, removed_units: np.ndarray) -> dict[s
             x, dim, idx = n.args[0], n.args[1] % len(n.args[0].shape), n.args[2]
             if len(s.removed(x, dim)):
                 old = graph.tensors[idx.name].to(torch.int64) % x.shape[dim]
-                keep_out = np.setdiff1d(np.arange(len(old)), s.removed(n.out, dim))
+                keep_out = complement(len(old), s.removed(n.out, dim))
                 new = [s.new_index(x, dim, int(old[j])) for j in keep_out]
                 graph.set_tensor(idx.name, torch.tensor(new, dtype=graph.tensors[idx.name].dtype))
     for n in graph.nodes:
@@ -114,7 +122,7 @@ def compact(graph: Graph, cg: ChannelGraph, removed_units: np.ndarray) -> dict[s
         if not dims:
             continue
         for d, idx in dims.items():
-            keep = torch.from_numpy(np.setdiff1d(np.arange(t.shape[d]), idx))
+            keep = torch.from_numpy(complement(t.shape[d], idx))
             t = t.index_select(d, keep)
         graph.set_tensor(name, t.contiguous())
         removed[name] = dims
@@ -140,7 +148,7 @@ class PlanTracker:
         for name, dims in self.kept.items():
             entry = {}
             for d, kept in dims.items():
-                gone = np.setdiff1d(np.arange(self.sizes[name][d]), kept)
+                gone = complement(self.sizes[name][d], kept)
                 if len(gone):
                     entry[str(d)] = gone.tolist()
             if entry:

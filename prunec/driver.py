@@ -12,6 +12,7 @@ import torch
 
 from .analysis import AnalysisManager
 from .cost import compute_cost
+from .gc_pause import gc_paused
 from .errors import UsageError
 from .frontend import LoadedModel, load_model, make_inputs, trace
 from .ir import Graph, interpret
@@ -114,17 +115,18 @@ def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str = "
     pm = PassManager(passes, verify_each=verify_each, instrumentations=insts, dump_dir=dump_dir,
                      reproducer=lambda g, path: torch.export.save(torch_backend.export_program(g, inputs), path))
     am = AnalysisManager(graph)
-    records = pm.run(graph, am, CompileContext(inputs, module))
-    after = compute_cost(graph)
-    program = None  # exported lazily by CompileResult.program
     problems: list[str] = []
     out_module = None
     config_fields: tuple = ({}, [])
-    if module is not None:
-        upd = torch_backend.apply_to_module(module, graph, inputs)
-        problems = upd.problems
-        out_module = module if upd.ok else None
-        config_fields = (upd.config_rewritten, upd.config_not_rewritten)
+    with gc_paused():  # see prunec/gc_pause.py; not around the TVM build below
+        records = pm.run(graph, am, CompileContext(inputs, module))
+        after = compute_cost(graph)
+        if module is not None:
+            upd = torch_backend.apply_to_module(module, graph, inputs)
+            problems = upd.problems
+            out_module = module if upd.ok else None
+            config_fields = (upd.config_rewritten, upd.config_not_rewritten)
+    program = None  # exported lazily by CompileResult.program
     plan = am.plan_tracker.plan() if getattr(am, "plan_tracker", None) else None
     report = make_report(source, passes, target, before, after, records, problems, graph.tracer)
     # Hugging Face ``model.config`` of the in-place module: fields rewritten ({field: [old, new]}) and

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import UsageError
+from .gc_pause import gc_paused
 from .ir import Graph, Node, Value
 
 _DTYPE_NAMES = {
@@ -300,6 +301,7 @@ def _op_short(n: fx.Node) -> str:
     return t._schema.name.split("::")[-1] if isinstance(t, torch._ops.OpOverload) else ""
 
 
+@gc_paused()
 def trace(module_or_program, example_inputs: tuple | None = None, tracer: str = "auto") -> Graph:
     """Trace a module (or take a loaded program) into prunec's IR.
 
