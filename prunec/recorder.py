@@ -114,8 +114,7 @@ def record(module: torch.nn.Module, example_inputs: tuple) -> tuple[fx.Graph, li
     if not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise Unrecordable("a non-tensor example input")
     paths = {id(m): name for name, m in module.named_modules()}
-    stack: list = []
-
+    stack: list = []  # (stack key, module path, module type) of the modules being called
     calls: dict[str, int] = {}
 
     def enter(m, args):
@@ -132,9 +131,9 @@ def record(module: torch.nn.Module, example_inputs: tuple) -> tuple[fx.Graph, li
     hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
              torch.nn.modules.module.register_module_forward_hook(leave, always_call=True)]
     try:
-        # grad mode on, as torch.export traces: eager fast paths taken under no_grad
-        # (nn.MultiheadAttention's fused kernel) are not what the exported program holds
-        # and cuDNN off, as torch.export traces (norms pass the flag on as an argument)
+        # Grad mode on and cuDNN off, as torch.export traces: under no_grad eager code takes fast
+        # paths the exported program does not hold (nn.MultiheadAttention's fused kernel), and
+        # norms pass the cuDNN flag on as an argument.
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), enable_python_dispatcher(), \
                 _Guard(), rec:
             out = module(*example_inputs)
@@ -182,7 +181,7 @@ def _build(module, example_inputs, ops, out):
         if id(t) not in attrs:
             raise Unrecordable("a tensor that is not an input, parameter, buffer or module attribute")
         name = attrs[id(t)]
-        with g.inserting_before(first_op):
+        with g.inserting_before(end):
             placeholder("constant", name, t, "c_" + _ident(name))
         return where[id(t)]
 
@@ -193,14 +192,14 @@ def _build(module, example_inputs, ops, out):
             return type(a)(arg(x) for x in a)
         return a
 
-    first_op = g.create_node("output", "output", ((),))  # a marker to insert constants before
+    end = g.create_node("output", "output", ((),))  # placeholder for the output: ops and constants go before it
     for func, args, kwargs, res, stack in ops:
         if func is aten.lift_fresh.default or func is aten.lift_fresh_copy.default:
             src = args[0]
             if id(src) not in where:  # torch.tensor(...) in forward: a constant of the program
                 inner = stack[-1][1] if stack else ""  # named after the module that made it, as export does
                 name = f"{inner}.lifted_tensor_{lifted}" if inner else f"lifted_tensor_{lifted}"
-                with g.inserting_before(first_op):
+                with g.inserting_before(end):
                     placeholder("constant", name, src, "c_" + _ident(name))
                 lifted += 1
             # eager lift_fresh returns its argument; as torch.export does, record a copy, so that
@@ -209,7 +208,7 @@ def _build(module, example_inputs, ops, out):
         if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) \
                 and node_of(args[0]).op == "placeholder":
             raise Unrecordable(f"aten.{func._schema.name.split('::')[-1]} writes an input, parameter or buffer")
-        with g.inserting_before(first_op):
+        with g.inserting_before(end):
             n = g.create_node("call_function", func, arg(args), {k: arg(v) for k, v in kwargs.items()},
                               name=g._target_to_str(func.overloadpacket.__name__))
         n.meta["val"] = res
@@ -221,7 +220,7 @@ def _build(module, example_inputs, ops, out):
             for i, r in enumerate(res):
                 if not isinstance(r, torch.Tensor):
                     raise Unrecordable(f"aten.{func._schema.name.split('::')[-1]} returns a non-tensor")
-                with g.inserting_before(first_op):
+                with g.inserting_before(end):
                     gi = g.call_function(operator.getitem, (n, i))
                 gi.meta["val"] = r
                 where[id(r)] = gi
@@ -236,6 +235,6 @@ def _build(module, example_inputs, ops, out):
         if n is None or n.op == "placeholder":
             raise Unrecordable("an output that is not a tensor the program computed")
         outs.append(n)
-    g.erase_node(first_op)
+    g.erase_node(end)
     g.output(tuple(outs))
     return g, specs, out_spec
