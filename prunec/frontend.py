@@ -301,7 +301,6 @@ def _op_short(n: fx.Node) -> str:
     return t._schema.name.split("::")[-1] if isinstance(t, torch._ops.OpOverload) else ""
 
 
-@gc_paused()
 def trace(module_or_program, example_inputs: tuple | None = None, tracer: str = "auto") -> Graph:
     """Trace a module (or take a loaded program) into prunec's IR.
 
@@ -337,6 +336,7 @@ def trace(module_or_program, example_inputs: tuple | None = None, tracer: str = 
     return graph
 
 
+@gc_paused()  # not around torch.export, which runs for seconds and leaves cyclic garbage
 def _record(module: torch.nn.Module, example_inputs: tuple) -> tuple[Graph | None, str]:
     """The recorder's graph, or None and why it declined."""
     from .recorder import Unrecordable, record
