@@ -370,3 +370,14 @@ def test_connected_components_matches_scipy(seed):
     rk, rlabels = reference(adj, directed=False)
     assert k == rk
     assert np.array_equal(labels, rlabels)
+
+
+def test_slot_graph_components_are_the_groups():
+    """``ChannelGraph.slot_graph()`` (networkx, built on demand) links exactly the slots of each group."""
+    import networkx as nx
+    torchvision = pytest.importorskip("torchvision")
+    cg = build(prunec.trace(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),)))
+    comps = {tuple(sorted(c)) for c in nx.connected_components(cg.slot_graph())}
+    assert cg.groups and all(tuple(g.slots) in comps for g in cg.groups)
+    with_params = [c for c in comps if any(cg.slots[s][0].kind == "parameter" for s in c)]
+    assert len(with_params) == len(cg.groups)
