@@ -13,8 +13,9 @@ and the caller uses ``torch.export``) when the Python code read a tensor's *valu
 (``if x.sum() > 0``, ``.item()``, ``.tolist()``, ``.numpy()``: one run would bake
 one branch in), when an op's output shape depends on data (``nonzero``), when a
 tensor comes from somewhere it cannot name, when an input, parameter or buffer is
-written, when an output is not a tensor the program computed, or when the model
-raises.  tests/test_recorder.py checks that its IR prints exactly as
+written, when an output is not a tensor the program computed, when the model
+raises, or when the forward pass's intermediate tensors (which the recording keeps)
+pass ``MAX_RECORDED_BYTES``.  tests/test_recorder.py checks that its IR prints exactly as
 ``torch.export``'s on every model it covers.
 """
 from __future__ import annotations
@@ -46,6 +47,12 @@ _VALUE_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__,
                 torch.Tensor.data_ptr}
 
 
+# The recording keeps every intermediate tensor of the forward pass until the graph is built
+# (torch.export keeps none: it traces with fake tensors).  Batch 1 of the torchvision zoo stays
+# under 1 GiB (swin_v2_b, views counted in full); past this bound, torch.export traces instead.
+MAX_RECORDED_BYTES = 2 << 30
+
+
 class Unrecordable(Exception):
     """Why a recording cannot stand for the program; the caller falls back to torch.export."""
 
@@ -68,6 +75,7 @@ class _Recorder(ProxyTorchDispatchMode):
         self.enter_stack = []
         self.stack = stack   # the module path stack, kept by module hooks
         self.ops: list = []  # (op, args, kwargs, result, module stack)
+        self.held = 0        # bytes of the results kept so far
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,6 +88,12 @@ class _Recorder(ProxyTorchDispatchMode):
             raise Unrecordable(f"aten.{name} writes an out= tensor")
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out, tuple(self.stack)))
+        for t in (out if isinstance(out, (list, tuple)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.held += t.numel() * t.element_size()
+        if self.held > MAX_RECORDED_BYTES:
+            raise Unrecordable(f"the forward pass holds more than {MAX_RECORDED_BYTES / 2**30:g} GiB of "
+                               f"intermediate tensors (torch.export traces without them)")
         return out
 
 

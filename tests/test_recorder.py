@@ -206,3 +206,15 @@ def test_tied_parameters_and_shared_modules():
     for r, e in zip(rec.nodes, exp.nodes):
         inner = lambda n: list(n.meta["stack"].values())[-1][0]  # noqa: E731
         assert mods[inner(r)] is mods[inner(e)]
+
+
+def test_a_forward_pass_past_the_memory_bound_hands_over_to_export(monkeypatch):
+    """The recording keeps every intermediate tensor (torch.export keeps none): past the bound,
+    torch.export traces, and the program is the same."""
+    from prunec import recorder
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
+    monkeypatch.setattr(recorder, "MAX_RECORDED_BYTES", 64 * 1024)
+    g = trace(model, (x,))
+    assert g.tracer.startswith("torch.export (the recorder declined: the forward pass holds more than")
+    assert print_graph(g) == print_graph(trace(model, (x,), tracer="export"))
