@@ -319,8 +319,7 @@ def trace(module_or_program, example_inputs: tuple | None = None, tracer: str = 
                 return graph
             note = f"torch.export (the recorder declined: {why})"
         ep = export_module(module_or_program, example_inputs)
-        if _functionalize_inplace(ep.graph):
-            ep.graph_module.recompile()
+        if _functionalize_inplace(ep.graph):  # edits the graph only: nothing runs ep's code after this
             decomposed = False
         else:
             ep = ep.run_decompositions({})
@@ -421,8 +420,7 @@ def _to_ir(fx_graph: fx.Graph, specs: list, out_spec, user_outputs: list[bool] |
         env[fxn] = outs if multi else outs[0]
 
     out_node = next(n for n in fx_graph.nodes if n.op == "output")
-    outs = out_node.args[0]
-    outputs = [env[a] for i, a in enumerate(outs) if user_outputs is None or user_outputs[i]]
+    outputs = [env[a] for i, a in enumerate(out_node.args[0]) if user_outputs is None or user_outputs[i]]
     return Graph(inputs, nodes, outputs, consts, tensors, out_spec, input_names)
 
 

@@ -32,6 +32,8 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .ir import op_name
+
 aten = torch.ops.aten
 
 # Ops whose result depends on tensor values in a way one run cannot stand for: a
@@ -81,7 +83,7 @@ class _Recorder(ProxyTorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.prim.device.default:
             return func(*args, **kwargs)
-        name = func._schema.name.split("::")[-1]
+        name = op_name(func)
         if name in _REFUSED or (name == "index" and _bool_index(args)):
             raise Unrecordable(f"aten.{name} depends on tensor values")
         if "out" in kwargs:
@@ -164,15 +166,15 @@ def record(module: torch.nn.Module, example_inputs: tuple) -> tuple[fx.Graph, li
 def _build(module, example_inputs, ops, out):
     g = fx.Graph()
     specs: list = []
-    where: dict[int, fx.Node] = {}  # id(tensor) -> the node holding its latest version
-    keep: list = []                  # tensors named by id stay alive while the dict is in use
+    # id(tensor) -> the node holding its latest version.  Ids stay unique while it is in use: every
+    # result and argument is held by ``ops``, the rest by the module and the caller.
+    where: dict[int, fx.Node] = {}
 
     def placeholder(kind, name, t, node_name):
         n = g.placeholder(node_name)
         n.meta["val"] = t
         specs.append((kind, name, t))
         where[id(t)] = n
-        keep.append(t)
 
     for name, t in zip(_input_names(module, len(example_inputs)), example_inputs):
         placeholder("input", name, t, name)
@@ -221,7 +223,7 @@ def _build(module, example_inputs, ops, out):
             func = aten.lift_fresh_copy.default
         if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) \
                 and node_of(args[0]).op == "placeholder":
-            raise Unrecordable(f"aten.{func._schema.name.split('::')[-1]} writes an input, parameter or buffer")
+            raise Unrecordable(f"aten.{op_name(func)} writes an input, parameter or buffer")
         with g.inserting_before(end):
             n = g.create_node("call_function", func, arg(args), {k: arg(v) for k, v in kwargs.items()},
                               name=g._target_to_str(func.overloadpacket.__name__))
@@ -229,18 +231,16 @@ def _build(module, example_inputs, ops, out):
         n.meta["nn_module_stack"] = {"L__self__" + k: (p, f"{c.__module__}.{c.__qualname__}") for k, p, c in stack}
         if isinstance(res, torch.Tensor):
             where[id(res)] = n
-            keep.append(res)
         elif isinstance(res, (list, tuple)):
             for i, r in enumerate(res):
                 if not isinstance(r, torch.Tensor):
-                    raise Unrecordable(f"aten.{func._schema.name.split('::')[-1]} returns a non-tensor")
+                    raise Unrecordable(f"aten.{op_name(func)} returns a non-tensor")
                 with g.inserting_before(end):
                     gi = g.call_function(operator.getitem, (n, i))
                 gi.meta["val"] = r
                 where[id(r)] = gi
-                keep.append(r)
         elif res is not None:
-            raise Unrecordable(f"aten.{func._schema.name.split('::')[-1]} returns a non-tensor")
+            raise Unrecordable(f"aten.{op_name(func)} returns a non-tensor")
 
     leaves, out_spec = pytree.tree_flatten(out)
     outs = []
