@@ -33,6 +33,11 @@ def to_target(spec) -> tvm.target.Target:
         d.setdefault("num-cores", _physical_cores())  # MetaSchedule needs it
     if d["kind"] == "cuda" and "host" not in d:
         d["host"] = {"kind": "llvm", "mcpu": host_cpu()}
+    if d["kind"] == "cuda":
+        # MetaSchedule's GPU rules and its GPU-code verifier need these; every CUDA GPU since
+        # Fermi allows 1024 threads and 48 KiB of static shared memory per block
+        d.setdefault("max_threads_per_block", 1024)
+        d.setdefault("max_shared_memory_per_block", 49152)
     try:
         return tvm.target.Target(d)
     except Exception as e:  # noqa: BLE001 - TVM raises a generic error for a bad attribute

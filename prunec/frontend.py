@@ -174,8 +174,9 @@ def _prepare(module: torch.nn.Module) -> None:
 def export_module(module: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     _prepare(module)
     import torch.fx.config as fx_config
-    emit = fx_config.do_not_emit_stack_traces
-    fx_config.do_not_emit_stack_traces = True  # nothing reads them; recording costs 10-20% of export
+    emit = getattr(fx_config, "do_not_emit_stack_traces", None)  # torch >= 2.12
+    if emit is not None:
+        fx_config.do_not_emit_stack_traces = True  # nothing reads them; recording costs 10-20% of export
     try:
         ep = torch.export.export(module, tuple(example_inputs), strict=False)
     except Exception as e:
@@ -184,7 +185,8 @@ def export_module(module: torch.nn.Module, example_inputs: tuple) -> torch.expor
         raise UsageError(f"{type(module).__name__} cannot be traced with inputs of shape {shapes}: "
                          f"{first}; check --input-shape") from None
     finally:
-        fx_config.do_not_emit_stack_traces = emit
+        if emit is not None:
+            fx_config.do_not_emit_stack_traces = emit
     return ep
 
 

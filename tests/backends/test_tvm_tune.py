@@ -67,3 +67,46 @@ def test_tune_then_reuse_database(tmp_path, monkeypatch, capfd, search):
     if use_default:  # and --no-tuning-db (tuning_db=False) ignores it
         plain = prunec.compile(model, (x,), passes="", target="llvm", target_options={"tuning_db": False})
         assert plain.artifact.tuning == {}
+
+
+def _has_gpu() -> bool:
+    import tvm
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU on this machine (tvm.cuda(0).exist is False)")
+def test_tune_cuda(tmp_path):
+    """MetaSchedule on a cuda target: candidates are built and timed on the GPU, the faster of the
+    tuned and dlight schedules is kept per kernel, and a repeat compile reuses the database."""
+    model, x = _model(), torch.randn(1, 3, 8, 8)
+    db = str(tmp_path / "db")
+    options = {"tune_trials": 16, "tuning_db": db, "progress": False}
+    res = prunec.compile(model, (x,), passes="", target="cuda", target_options=options)
+    tuning = res.artifact.tuning
+    assert tuning["tuned_now"] == tuning["kernels"] > 0, tuning
+    assert tuning["applied"] + tuning["kept_default"] == tuning["kernels"], tuning
+    records = [json.loads(r) for r in open(os.path.join(db, "database_tuning_record.json")).read().splitlines()]
+    run_secs = [s for r in records for s in (r[1][1] or [])]
+    assert run_secs and min(run_secs) < 1.0, records[:2]  # measured on the GPU, not failed (1e10)
+    choice = json.load(open(os.path.join(db, "prunec_schedule_choice.json")))
+    assert sum(c["tuned_ms"] is not None and (c["default_ms"] is None or c["tuned_ms"] <= c["default_ms"])
+               for c in choice.values()) == tuning["applied"]
+    with torch.no_grad():
+        ref = model(x)
+    assert max_rel_err(res.artifact.load()(x), [ref]) <= 1e-4
+    again = prunec.compile(model, (x,), passes="", target="cuda", target_options=options)
+    assert again.artifact.tuning["from_db"] == tuning["kernels"] and again.artifact.tuning["tuned_now"] == 0
+    assert max_rel_err(again.artifact.load()(x), [ref]) <= 1e-4
+
+
+def test_cuda_target_carries_what_meta_schedule_needs():
+    """MetaSchedule's GPU rules refuse a cuda target without these attributes."""
+    from prunec.backends import tvm_lower
+    attrs = tvm_lower.to_target("cuda").attrs
+    assert int(attrs["max_threads_per_block"]) == 1024 and int(attrs["max_shared_memory_per_block"]) == 49152
+    # a user's own value is kept
+    t = tvm_lower.to_target('{"kind": "cuda", "max_threads_per_block": 512}')
+    assert int(t.attrs["max_threads_per_block"]) == 512
