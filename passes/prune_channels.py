@@ -161,8 +161,10 @@ class _SlotCaps:
             if len(labels) == len(every) and np.array_equal(np.sort(labels), every):
                 continue  # holds every unit once: the group's own budget is the tighter limit
             self.left[s] = min(len(labels) - 1, int(math.floor(ratio * len(labels) + 1e-9)))
-            units, counts = np.unique(labels, return_counts=True)
-            for u, c in zip(units.tolist(), counts.tolist()):
+            srt = np.sort(labels)  # np.unique(return_counts=True) without its numpy.ma import
+            first = np.flatnonzero(np.concatenate([[True], srt[1:] != srt[:-1]]))
+            counts = np.diff(np.append(first, len(srt)))
+            for u, c in zip(srt[first].tolist(), counts.tolist()):
                 self.unit_slots.setdefault(u, []).append((s, c))
 
     def take(self, u: int) -> bool:
@@ -187,6 +189,9 @@ def select_units(graph, cg, scores, ratio, scope, round_to, min_units, skip_grou
         for g in cg.groups:
             k = budgets.get(g.id, 0)
             units = np.array(g.prunable)
+            if k and not caps[g.id].unit_slots:  # no member limit binds: the k lowest scores go
+                removed[units[np.argsort(scores[units], kind="stable")[:k]]] = True
+                continue
             for u in (units[np.argsort(scores[units], kind="stable")] if k else ()):
                 if k == 0:
                     break

@@ -47,12 +47,12 @@ class RuleContext:
     def same(self, a: Value, da: int, b: Value, db: int) -> None:
         """Element i of ``a`` along ``da`` is element i of ``b`` along ``db``."""
         sa, sb = self._slot(a, da), self._slot(b, db)
-        if self.b.size[sa] != self.b.size[sb]:
+        size = self.b.size_of
+        if size[sa] != size[sb]:
             self.b.pin_slot(sa, f"%{self.node.name}: sizes differ")
             self.b.pin_slot(sb, f"%{self.node.name}: sizes differ")
             return
-        n = self.b.size[sa]
-        self.b.add_pairs(sa, np.arange(n), sb, np.arange(n))
+        self.b.add_identity(sa, sb)
 
     def link(self, a: Value, da: int, ia, b: Value, db: int, ib) -> None:
         """Element ``ia[k]`` of ``a`` along ``da`` is element ``ib[k]`` of ``b`` along ``db``."""
@@ -114,6 +114,10 @@ class _Builder:
                 self.slots.append((v, d))
         self.size = np.array([v.shape[d] for v, d in self.slots], dtype=np.int64)
         self.offset = np.concatenate([[0], np.cumsum(self.size)[:-1]]).astype(np.int64) if self.slots else np.zeros(0, np.int64)
+        # the same as Python ints: rules look sizes up one at a time, where numpy scalars are slow
+        self.size_of: list[int] = self.size.tolist()
+        self.offset_of: list[int] = self.offset.tolist()
+        self._aranges: dict[int, np.ndarray] = {}
         self.n = int(self.size.sum())
         self.pinned = np.zeros(self.n, dtype=bool)
         self.stat = np.zeros(self.n, dtype=bool)
@@ -130,6 +134,19 @@ class _Builder:
             raise IndexError("channel rule linked an element outside its dimension")
         self.pairs_a.append(self.offset[sa] + ia)
         self.pairs_b.append(self.offset[sb] + ib)
+        if sa != sb:
+            self.slot_edges.append((sa, sb))
+
+    def add_identity(self, sa: int, sb: int) -> None:
+        """Element i of slot ``sa`` is element i of slot ``sb`` (equal sizes)."""
+        n = self.size_of[sa]
+        if n == 0:
+            return
+        r = self._aranges.get(n)
+        if r is None:
+            r = self._aranges[n] = np.arange(n, dtype=np.int64)
+        self.pairs_a.append(r + self.offset_of[sa])
+        self.pairs_b.append(r + self.offset_of[sb])
         if sa != sb:
             self.slot_edges.append((sa, sb))
 
@@ -256,8 +273,11 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.
             if np.array_equal(jumped, parent):
                 break
             parent = jumped
-    roots, labels = np.unique(parent, return_inverse=True)
-    return len(roots), labels.reshape(-1)
+    # every tree's root is its smallest element: number the roots in order (np.unique would
+    # sort, and its first call imports numpy.ma, 15 ms)
+    is_root = parent == np.arange(n)
+    rank = np.cumsum(is_root) - 1
+    return int(is_root.sum()), rank[parent]
 
 
 def _groups(cg: ChannelGraph) -> list[Group]:
@@ -266,13 +286,19 @@ def _groups(cg: ChannelGraph) -> list[Group]:
     n_comp, comp_of = connected_components(len(cg.slots), e[:, 0], e[:, 1])
     members = np.argsort(comp_of, kind="stable")
     bounds = np.searchsorted(comp_of[members], np.arange(n_comp + 1))
+    # the units of every component at once: sort (component, unit) keys of all elements, drop repeats
+    n_units = len(cg.unit_pinned)
+    key = np.repeat(comp_of, cg.size) * n_units + cg.labels
+    key.sort()
+    key = key[np.concatenate([[True], key[1:] != key[:-1]])] if len(key) else key
+    unit_bounds = np.searchsorted(key, np.arange(n_comp + 1) * n_units)
     groups = []
     for c in range(n_comp):
         slots = members[bounds[c]:bounds[c + 1]].tolist()
         params = [s for s in slots if cg.slots[s][0].kind == "parameter"]
         if not params:
             continue
-        units = np.unique(np.concatenate([cg.slot_labels(s) for s in slots]))
+        units = key[unit_bounds[c]:unit_bounds[c + 1]] - c * n_units
         ok = units[~cg.unit_pinned[units] & cg.unit_has_param[units]]
         why = sorted({cg.pin_reason[s] for s in slots if s in cg.pin_reason})
         groups.append(Group(len(groups), slots, units.tolist(), ok.tolist(), params, why,

@@ -95,7 +95,7 @@ class PassManager:
     reproducer: Callable[[Graph, str], None] | None = None  # saves a runnable reproducer
 
     def passes(self) -> list[Pass]:
-        load_builtin_passes()
+        load_builtin_passes(plugins=False)  # the pipeline loads plugins if it names one
         if isinstance(self.pipeline, list):
             return self.pipeline
         pl = parse(self.pipeline) if isinstance(self.pipeline, str) else self.pipeline

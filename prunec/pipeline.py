@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import PipelineError
-from .registry import PASSES, PIPELINES, Pass
+from .registry import PASSES, PIPELINES, Pass, load_plugins
 
 _IDENT = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 
@@ -44,6 +44,8 @@ class Pipeline:
         """Look up every pass and check its options; presets expand in place."""
         out: list[Pass] = []
         for item in self.items:
+            if item.name not in PIPELINES and item.name not in PASSES:
+                load_plugins()  # a pass from an installed package, or a typo
             if item.name in PIPELINES:
                 if item.options:
                     raise PipelineError(f"preset pipeline '{item.name}' takes no options", self.text, item.col)

@@ -160,3 +160,30 @@ def test_pass_returning_wrong_type_is_reported(tiny):
 
     with pytest.raises(prunec.PassFailure, match=r"pass 'test-bad-return' failed: TypeError: run\(\) returned bool"):
         prunec.compile(tiny[0], (tiny[1],), passes="test-bad-return")
+
+
+def test_plugins_load_when_a_pipeline_names_a_pass_prunec_lacks(monkeypatch):
+    """Installed packages' passes (entry points) are read only when a pipeline needs them: a
+    pipeline of built-in passes never pays for scanning the installed distributions."""
+    from prunec import registry
+    from prunec.pipeline import parse
+    calls = []
+
+    def fake_entry_points():
+        calls.append(1)
+
+        @register_pass("from-a-plugin", summary="a pass an installed package provides")
+        class FromPlugin(Pass):
+            def run(self, graph, am, ctx):
+                return PassResult(changed=False)
+
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "_load_entry_points", fake_entry_points)
+    load_builtin_passes(plugins=False)
+    assert [p.name for p in parse("dce,fold-bn").instantiate()] == ["dce", "fold-bn"]
+    assert calls == []
+    assert [p.name for p in parse("dce,from-a-plugin").instantiate()] == ["dce", "from-a-plugin"]
+    assert calls == [1]
+    with pytest.raises(PipelineError, match="unknown pass 'no-such-pass'"):
+        parse("no-such-pass").instantiate()
+    assert calls == [1]  # read once per process
