@@ -31,3 +31,12 @@ def build_and_compare(model, inputs, passes: str = "", sparse: dict | None = Non
     err = max_rel_err(got, ref)
     assert err <= tol, f"max abs error {err:.3g} relative to the output scale"
     return result
+
+
+def has_cuda() -> bool:
+    """A CUDA GPU that TVM can run on (the CUDA tests skip without one)."""
+    import tvm
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001
+        return False

@@ -14,7 +14,7 @@ from prunec.errors import UsageError  # noqa: E402
 from prunec.target import parse_target  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tvm_helpers import build_and_compare  # noqa: E402
+from _tvm_helpers import build_and_compare, has_cuda  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -177,14 +177,7 @@ def test_target_forms():
         to_target(parse_target('{"kind": "llvm", "no_such_attr": 1}'))
 
 
-def _has_cuda() -> bool:
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.mark.skipif(not _has_cuda(), reason="no CUDA GPU on this machine (tvm.cuda(0).exist is False)")
+@pytest.mark.skipif(not has_cuda(), reason="no CUDA GPU on this machine (tvm.cuda(0).exist is False)")
 def test_cuda_build_and_run():
     import numpy as np
 

@@ -11,7 +11,7 @@ import torch
 import prunec
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _tvm_helpers import max_rel_err  # noqa: E402
+from _tvm_helpers import has_cuda, max_rel_err  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -69,15 +69,7 @@ def test_tune_then_reuse_database(tmp_path, monkeypatch, capfd, search):
         assert plain.artifact.tuning == {}
 
 
-def _has_gpu() -> bool:
-    import tvm
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU on this machine (tvm.cuda(0).exist is False)")
+@pytest.mark.skipif(not has_cuda(), reason="no CUDA GPU on this machine (tvm.cuda(0).exist is False)")
 def test_tune_cuda(tmp_path):
     """MetaSchedule on a cuda target: candidates are built and timed on the GPU, the faster of the
     tuned and dlight schedules is kept per kernel, and a repeat compile reuses the database."""
