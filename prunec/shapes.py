@@ -61,13 +61,19 @@ def _dense(x) -> bool:
         x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
 
 
-def _unary(x, *scalars, **kw_scalars):
-    if not _dense(x) or any(isinstance(a, torch.Tensor) for a in (*scalars, *kw_scalars.values())):
+def _unary(*args, **kwargs):
+    if not args or kwargs.keys() - {"approximate"}:  # operands by keyword: the meta kernel decides
+        return None
+    x, scalars = args[0], (*args[1:], *kwargs.values())
+    if not _dense(x) or any(isinstance(a, torch.Tensor) for a in scalars):
         return None
     return torch.empty_like(x)
 
 
-def _batch_norm(x, weight, bias, running_mean, running_var, training, *_rest):
+def _batch_norm(*args, **kwargs):
+    if len(args) < 6 or kwargs:
+        return None
+    x, weight, bias, running_mean, running_var, training = args[:6]
     if training or not _dense(x) or x.dim() < 2:
         return None
     c = x.shape[1]

@@ -83,3 +83,12 @@ def test_propagate_reports_a_batch_norm_that_no_longer_fits():
             v.shape = tuple(g.tensors[w].shape)
     with pytest.raises(IRError, match=r"batch_norm.*should contain 6 elements not 8"):
         shapes.propagate(g)
+
+
+def test_operands_by_keyword_are_left_to_the_meta_kernel():
+    x = torch.empty(2, 8, 5, 5, device=META)
+    p = torch.empty(8, device=META)
+    assert shapes._SAME_AS_INPUT[aten.relu.default](input=x) is None
+    assert shapes._SAME_AS_INPUT[aten.batch_norm.default](x, p, p, p, p, training=False, momentum=0.1, eps=1e-5,
+                                                          cudnn_enabled=True) is None
+    _same(shapes._SAME_AS_INPUT[aten.gelu.default](x, approximate="tanh"), aten.gelu.default(x, approximate="tanh"))
