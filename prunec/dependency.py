@@ -132,10 +132,7 @@ class _Builder:
             return
         if ia.max() >= self.size[sa] or ib.max() >= self.size[sb]:
             raise IndexError("channel rule linked an element outside its dimension")
-        self.pairs_a.append(self.offset[sa] + ia)
-        self.pairs_b.append(self.offset[sb] + ib)
-        if sa != sb:
-            self.slot_edges.append((sa, sb))
+        self._append(sa, ia, sb, ib)
 
     def add_identity(self, sa: int, sb: int) -> None:
         """Element i of slot ``sa`` is element i of slot ``sb`` (equal sizes)."""
@@ -145,8 +142,11 @@ class _Builder:
         r = self._aranges.get(n)
         if r is None:
             r = self._aranges[n] = np.arange(n, dtype=np.int64)
-        self.pairs_a.append(r + self.offset_of[sa])
-        self.pairs_b.append(r + self.offset_of[sb])
+        self._append(sa, r, sb, r)
+
+    def _append(self, sa: int, ia: np.ndarray, sb: int, ib: np.ndarray) -> None:
+        self.pairs_a.append(ia + self.offset_of[sa])
+        self.pairs_b.append(ib + self.offset_of[sb])
         if sa != sb:
             self.slot_edges.append((sa, sb))
 
