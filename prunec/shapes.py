@@ -2,8 +2,8 @@
 
 Meta tensors carry shape and dtype but no data, and ATen's own shape functions
 give the result: no shape rule is written by hand, except for a closed list of
-ops whose output is laid out like their input (``_SAME_AS_INPUT``), where the
-meta kernel is a slow Python decomposition.
+ops whose meta kernels are slow Python code (``prunec.shape_rules``), where a
+rule covers the common case and leaves the rest to the meta kernel.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from .ir import Graph, Node, Value, map_values, bind_results, call_node
 from .errors import IRError
+from .shape_rules import RULES
 
 
 def _meta(v: Value) -> torch.Tensor:
@@ -27,7 +28,7 @@ def infer_node(node: Node, env: dict[Value, Any]) -> Any:
         if v not in env:
             raise IRError(f"node %{node.name} ({node.op}) uses {v!r} before it is defined", node=node.name)
     try:
-        rule = _SAME_AS_INPUT.get(node.target)
+        rule = RULES.get(node.target)
         if rule is not None:
             out = rule(*map_values(node.args, lambda v: env[v]), **map_values(node.kwargs, lambda v: env[v]))
             if out is not None:
@@ -49,48 +50,6 @@ def infer_node(node: Node, env: dict[Value, Any]) -> Any:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IRError(f"node %{node.name} ({node.op}): operands do not fit: {detail}",
                       node=node.name) from None
-
-
-# ---- ops whose output is laid out like their input -------------------------------------
-# Their meta kernels are Python decompositions (0.5-4 ms each; a MobileNetV3 spends most of its
-# shape propagation in them), while the rule is one line: the output is a tensor like the input.
-# A rule returns None to leave a case it does not cover to the meta kernel.
-
-def _dense(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.dtype.is_floating_point and (
-        x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
-
-
-def _unary(*args, **kwargs):
-    if not args or kwargs.keys() - {"approximate"}:  # operands by keyword: the meta kernel decides
-        return None
-    x, scalars = args[0], (*args[1:], *kwargs.values())
-    if not _dense(x) or any(isinstance(a, torch.Tensor) for a in scalars):
-        return None
-    return torch.empty_like(x)
-
-
-def _batch_norm(*args, **kwargs):
-    if len(args) < 6 or kwargs:
-        return None
-    x, weight, bias, running_mean, running_var, training = args[:6]
-    if training or not _dense(x) or x.dim() < 2:
-        return None
-    c = x.shape[1]
-    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if t is not None and (t.dim() != 1 or t.shape[0] != c):
-            raise RuntimeError(f"{what} should contain {c} elements not {t.numel()}")
-    return torch.empty_like(x)
-
-
-_aten = torch.ops.aten
-_SAME_AS_INPUT = {op: _unary for op in (
-    _aten.relu.default, _aten.relu6.default, _aten.hardtanh.default, _aten.hardswish.default,
-    _aten.hardsigmoid.default, _aten.sigmoid.default, _aten.silu.default, _aten.gelu.default,
-    _aten.tanh.default, _aten.clamp.default, _aten.dropout.default, _aten.leaky_relu.default,
-    _aten.elu.default, _aten.mish.default, _aten.softplus.default)}
-_SAME_AS_INPUT[_aten.batch_norm.default] = _batch_norm
 
 
 def propagate(graph: Graph, update: bool = True) -> dict[Value, tuple]:
