@@ -32,6 +32,11 @@ def _plain(x) -> bool:
         x.dim() == 4 and x.is_contiguous(memory_format=_CL))
 
 
+def _fits(p, x: torch.Tensor, shape) -> bool:
+    """An optional parameter (bias, norm weight) that is absent, or a tensor of x's dtype and this shape."""
+    return p is None or (isinstance(p, torch.Tensor) and p.dtype == x.dtype and tuple(p.shape) == tuple(shape))
+
+
 def _new(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
@@ -110,8 +115,7 @@ def _conv2d(*args, **kwargs):
     cout = w.shape[0]
     if x.shape[1] != w.shape[1] * groups or cout % groups or cout == 0:
         return None
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype
-                             or tuple(bias.shape) != (cout,)):
+    if not _fits(bias, x, (cout,)):
         return None
     if min(stride) < 1 or min(padding) < 0 or min(dilation) < 1:
         return None
@@ -131,8 +135,7 @@ def _linear(*args, **kwargs):
         return None
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != x.dtype or x.shape[-1] != w.shape[1]:
         return None
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype
-                             or tuple(bias.shape) != (w.shape[0],)):
+    if not _fits(bias, x, (w.shape[0],)):
         return None
     return _new((*x.shape[:-1], w.shape[0]), x)
 
@@ -183,10 +186,8 @@ def _layer_norm(*args, **kwargs):
     k = len(shape)
     if x.dim() < k or list(x.shape[-k:]) != list(shape):
         return None
-    for p in (weight, bias):
-        if p is not None and (not isinstance(p, torch.Tensor) or p.dtype != x.dtype
-                              or list(p.shape) != list(shape)):
-            return None
+    if not (_fits(weight, x, shape) and _fits(bias, x, shape)):
+        return None
     return torch.empty_like(x)
 
 
