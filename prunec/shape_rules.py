@@ -3,8 +3,9 @@
 Shape propagation runs every op on meta tensors (``prunec.shapes``).  Most meta
 kernels are C++ and cost microseconds, but some are Python decompositions or
 Python references costing 0.2-2.5 ms a call (element-wise ops, ``linear`` with a
-bias, pooling, reductions, norms, ``cat``), and a pruning call propagates shapes
-over the whole graph after every pass.  A rule here gives the same result as the
+bias, pooling, reductions, norms, ``cat``), ``conv2d`` costs 0.05-0.1 ms and is the
+most frequent op of a CNN, and a pruning call propagates shapes over the whole
+graph after every pass.  A rule here gives the same result as the
 meta kernel (shape, strides, dtype) for the common, unambiguous case, and
 returns ``None`` for everything else -- operands by keyword, layouts other than
 plain contiguous, mixed dtypes, operands that do not fit -- so the meta kernel
