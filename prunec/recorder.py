@@ -1,4 +1,4 @@
-"""The fast tracer: record one real forward pass at the PreDispatch key.
+"""The fast tracer: record one real forward pass of the model's ATen ops.
 
 ``torch.export`` traces with fake tensors through a proxy tracer, a symbolic shape
 environment and a verifier; on small models that is 80% of a pruning call and more
@@ -7,6 +7,14 @@ once on the example inputs and notes every ATen op at the same level as
 ``torch.export``'s training IR (``conv2d``, ``linear``, ``batch_norm``, ``sdpa``:
 before autograd and before any decomposition), so the program it builds is the one
 ``torch.export`` would build, at the cost of one eager forward pass.
+
+Where it listens: a plain dispatch mode at the Python key, with the autograd keys
+excluded (``_AutoDispatchBelowAutograd``).  A composite op (``conv2d``, ``linear``,
+``flatten``) decomposes in its autograd kernel; with autograd skipped it reaches the
+Python key whole, where the mode notes it and runs it.  Grad mode stays on, so code
+that asks ``torch.is_grad_enabled()`` takes the path export sees.  (Listening at the
+PreDispatch key, as export does, needs torch's Python dispatcher, which doubled the
+recording's cost; so did building the autograd graph nothing reads.)
 
 It only keeps a recording it can vouch for.  It gives up (``record`` returns why,
 and the caller uses ``torch.export``) when the Python code read a tensor's *values*
@@ -28,8 +36,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch._dispatch.python import enable_python_dispatcher
-from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .ir import op_name
@@ -66,15 +72,11 @@ class _Guard(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Recorder(ProxyTorchDispatchMode):
-    """A dispatch mode at the PreDispatch key (where ``torch.export`` records its training IR).
-    torch only admits its own proxy mode there, hence the subclass; none of the proxy
-    machinery is used."""
+class _Recorder(TorchDispatchMode):
+    """A dispatch mode at the Python key, entered below autograd (see ``record``)."""
 
     def __init__(self, stack: list):
-        TorchDispatchMode.__init__(self, torch._C.DispatchKey.PreDispatch)
-        self._mode_key = torch._C._TorchDispatchModeKey.PROXY
-        self.enter_stack = []
+        super().__init__()
         self.stack = stack   # the module path stack, kept by module hooks
         self.ops: list = []  # (op, args, kwargs, result, module stack)
         self.held = 0        # bytes of the results kept so far
@@ -150,8 +152,8 @@ def record(module: torch.nn.Module, example_inputs: tuple) -> tuple[fx.Graph, li
         # Grad mode on and cuDNN off, as torch.export traces: under no_grad eager code takes fast
         # paths the exported program does not hold (nn.MultiheadAttention's fused kernel), and
         # norms pass the cuDNN flag on as an argument.
-        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), enable_python_dispatcher(), \
-                _Guard(), rec:
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), \
+                torch._C._AutoDispatchBelowAutograd(), _Guard(), rec:
             out = module(*example_inputs)
     except Unrecordable:
         raise
@@ -197,8 +199,7 @@ def _build(module, example_inputs, ops, out):
         if id(t) not in attrs:
             raise Unrecordable("a tensor that is not an input, parameter, buffer or module attribute")
         name = attrs[id(t)]
-        with g.inserting_before(end):
-            placeholder("constant", name, t, "c_" + _ident(name))
+        placeholder("constant", name, t, "c_" + _ident(name))  # where it is first read, as below
         return where[id(t)]
 
     def arg(a):
@@ -208,15 +209,13 @@ def _build(module, example_inputs, ops, out):
             return type(a)(arg(x) for x in a)
         return a
 
-    end = g.create_node("output", "output", ((),))  # placeholder for the output: ops and constants go before it
     for func, args, kwargs, res, stack in ops:
         if func is aten.lift_fresh.default or func is aten.lift_fresh_copy.default:
             src = args[0]
             if id(src) not in where:  # torch.tensor(...) in forward: a constant of the program
                 inner = stack[-1][1] if stack else ""  # named after the module that made it, as export does
                 name = f"{inner}.lifted_tensor_{lifted}" if inner else f"lifted_tensor_{lifted}"
-                with g.inserting_before(end):
-                    placeholder("constant", name, src, "c_" + _ident(name))
+                placeholder("constant", name, src, "c_" + _ident(name))
                 lifted += 1
             # eager lift_fresh returns its argument; as torch.export does, record a copy, so that
             # an in-place op on the result does not write the constant
@@ -224,9 +223,9 @@ def _build(module, example_inputs, ops, out):
         if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) \
                 and node_of(args[0]).op == "placeholder":
             raise Unrecordable(f"aten.{op_name(func)} writes an input, parameter or buffer")
-        with g.inserting_before(end):
-            n = g.create_node("call_function", func, arg(args), {k: arg(v) for k, v in kwargs.items()},
-                              name=g._target_to_str(func.overloadpacket.__name__))
+        # nodes append in order: constants found on demand land among the ops, which fx allows
+        n = g.create_node("call_function", func, arg(args), {k: arg(v) for k, v in kwargs.items()},
+                          name=g._target_to_str(func.overloadpacket.__name__))
         n.meta["val"] = res
         n.meta["nn_module_stack"] = {"L__self__" + k: (p, f"{c.__module__}.{c.__qualname__}") for k, p, c in stack}
         if isinstance(res, torch.Tensor):
@@ -235,8 +234,7 @@ def _build(module, example_inputs, ops, out):
             for i, r in enumerate(res):
                 if not isinstance(r, torch.Tensor):
                     raise Unrecordable(f"aten.{op_name(func)} returns a non-tensor")
-                with g.inserting_before(end):
-                    gi = g.call_function(operator.getitem, (n, i))
+                gi = g.call_function(operator.getitem, (n, i))
                 gi.meta["val"] = r
                 where[id(r)] = gi
         elif res is not None:
@@ -249,6 +247,5 @@ def _build(module, example_inputs, ops, out):
         if n is None or n.op == "placeholder":
             raise Unrecordable("an output that is not a tensor the program computed")
         outs.append(n)
-    g.erase_node(end)
     g.output(tuple(outs))
     return g, specs, out_spec
