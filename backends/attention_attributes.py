@@ -41,15 +41,26 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _plain_attr(m, name: str):
+    """``getattr(m, name, None)`` for an attribute that is not a parameter, buffer or submodule
+    (an int, a flag): on a module, a missing name costs ``Module.__getattr__`` an exception with
+    a formatted message, and the checks below ask for ~10 missing names on every module."""
+    d = getattr(m, "__dict__", None)
+    if d is not None and name in d:
+        return d[name]
+    return getattr(m, name, None) if hasattr(type(m), name) else None
+
+
 def _first(obj, names):
     for n in names:
-        if _is_int(getattr(obj, n, None)):
+        if _is_int(_plain_attr(obj, n)):
             return n
     return None
 
 
 def _child(m, names):
-    return next((getattr(m, n) for n in names if isinstance(getattr(m, n, None), torch.nn.Module)), None)
+    mods = getattr(m, "_modules", None) or {}
+    return next((mods[n] for n in names if isinstance(mods.get(n), torch.nn.Module)), None)
 
 
 def attention_widths(m: torch.nn.Module, hd: int | None = None) -> tuple[int, int, int] | None:
@@ -102,27 +113,27 @@ def sync_attention(module: torch.nn.Module, head_widths: dict | None = None) -> 
     touched = []
     head_widths = head_widths or {}
     for name, m in module.named_modules():
-        if hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor):
+        if _plain_attr(m, "nf") is not None and isinstance(getattr(m, "weight", None), torch.Tensor):
             m.nf = m.weight.shape[1]
         widths = attention_widths(m, head_widths.get(name))
         if widths is None:
             continue
         heads, kv, hd = widths
         for a in DIM_ATTRS:  # head-width pruning changes it; the score scale attribute stays
-            if _is_int(getattr(m, a, None)):
+            if _is_int(_plain_attr(m, a)):
                 setattr(m, a, hd)
-        if _child(m, Q_NAMES) is None and hasattr(m, "split_size"):  # GPT-2's fused c_attn
+        if _child(m, Q_NAMES) is None and _plain_attr(m, "split_size") is not None:  # GPT-2's fused c_attn
             m.split_size = heads * hd
         for a in HEAD_ATTRS:
-            if _is_int(getattr(m, a, None)):
+            if _is_int(_plain_attr(m, a)):
                 setattr(m, a, heads)
         for a in KV_ATTRS:
-            if _is_int(getattr(m, a, None)):
+            if _is_int(_plain_attr(m, a)):
                 setattr(m, a, kv)
-        if _is_int(getattr(m, "num_key_value_groups", None)) and kv:
+        if _is_int(_plain_attr(m, "num_key_value_groups")) and kv:
             m.num_key_value_groups = heads // kv
         for a in ("all_head_size", "inner_dim"):
-            if _is_int(getattr(m, a, None)):
+            if _is_int(_plain_attr(m, a)):
                 setattr(m, a, heads * hd)
         touched.append(name)
     return touched
@@ -150,7 +161,7 @@ def _sync_mha(name: str, m: torch.nn.MultiheadAttention) -> str | None:
 
 
 def _is_swin_attention(m) -> bool:
-    return (type(m).__name__.startswith("ShiftedWindowAttention") and _is_int(getattr(m, "num_heads", None))
+    return (type(m).__name__.startswith("ShiftedWindowAttention") and _is_int(_plain_attr(m, "num_heads"))
             and isinstance(getattr(m, "qkv", None), torch.nn.Linear)
             and isinstance(getattr(m, "proj", None), torch.nn.Linear))
 
@@ -201,10 +212,10 @@ def sync_layers(module: torch.nn.Module, graph=None) -> list[str]:
         if problem:
             problems.append(problem)
     for m in module.modules():  # after the attention modules they read
-        if type(m).__name__ == "VisionTransformer" and _is_int(getattr(m, "hidden_dim", None)) \
+        if type(m).__name__ == "VisionTransformer" and _is_int(_plain_attr(m, "hidden_dim")) \
                 and isinstance(getattr(m, "class_token", None), torch.Tensor):
             m.hidden_dim = m.class_token.shape[-1]  # torchvision: _process_input reshapes with it
-        elif isinstance(getattr(m, "self_attention", None), torch.nn.MultiheadAttention) \
-                and _is_int(getattr(m, "num_heads", None)):
+        elif isinstance(m._modules.get("self_attention"), torch.nn.MultiheadAttention) \
+                and _is_int(_plain_attr(m, "num_heads")):
             m.num_heads = m.self_attention.num_heads  # torchvision EncoderBlock (informational)
     return problems

@@ -86,13 +86,17 @@ class ModuleUpdate:
     config_not_rewritten: list[str] = field(default_factory=list)  # "field: why", see hf_config.py
 
 
-def _set_tensor(module: torch.nn.Module, name: str, t: torch.Tensor, kind: str) -> None:
-    *path, leaf = name.split(".")
-    owner = module.get_submodule(".".join(path)) if path else module
-    old = getattr(owner, leaf, None)
-    if kind == "parameter":
+def _set_tensor(owner, leaf: str, t: torch.Tensor, kind: str) -> None:
+    if not isinstance(owner, torch.nn.Module):  # a tensor attribute of some other object
+        setattr(owner, leaf, t.clone())
+    elif kind == "parameter":
+        old = owner._parameters.get(leaf)
         req = old.requires_grad if isinstance(old, torch.nn.Parameter) else t.is_floating_point()
-        setattr(owner, leaf, torch.nn.Parameter(t.clone(), requires_grad=req))
+        p = torch.nn.Parameter(t.clone(), requires_grad=req)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = p  # what setattr does for a parameter, without its checks
+        else:
+            setattr(owner, leaf, p)
     elif leaf in owner._buffers:
         owner._buffers[leaf] = t.clone()
     else:
@@ -110,31 +114,38 @@ def _conv_groups(graph: Graph) -> dict[str, int]:
     return out
 
 
+_SIZED = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm,
+          torch.nn.GroupNorm, torch.nn.Embedding)
+
+
 def sync_attributes(module: torch.nn.Module, graph: Graph) -> list[str]:
     """Make layer attributes (``in_channels``, ``out_features``, ...) agree with
     the parameter shapes, so the module keeps working with the user's code.
     Returns a line per module whose code cannot express its new widths."""
     groups = _conv_groups(graph)
+    nn = torch.nn
     for name, m in module.named_modules():
+        if not isinstance(m, _SIZED):  # most modules (activations, containers) have no weight to read
+            continue
         w = getattr(m, "weight", None)
         pre = f"{name}.weight" if name else "weight"
-        if isinstance(m, torch.nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
+        if isinstance(m, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
             m.groups = groups.get(pre, m.groups)
             if m.transposed:
                 m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
             else:
                 m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
-        elif isinstance(m, torch.nn.Linear) and isinstance(w, torch.Tensor):
+        elif isinstance(m, nn.Linear) and isinstance(w, torch.Tensor):
             m.out_features, m.in_features = w.shape
-        elif isinstance(m, torch.nn.modules.batchnorm._NormBase):
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
             ref = w if isinstance(w, torch.Tensor) else m.running_mean
             if ref is not None:
                 m.num_features = ref.shape[0]
-        elif isinstance(m, torch.nn.LayerNorm) and isinstance(w, torch.Tensor):
+        elif isinstance(m, nn.LayerNorm) and isinstance(w, torch.Tensor):
             m.normalized_shape = tuple(w.shape)
-        elif isinstance(m, torch.nn.GroupNorm) and isinstance(w, torch.Tensor):
+        elif isinstance(m, nn.GroupNorm) and isinstance(w, torch.Tensor):
             m.num_channels = w.shape[0]
-        elif isinstance(m, torch.nn.Embedding):
+        elif isinstance(m, nn.Embedding):
             m.num_embeddings, m.embedding_dim = w.shape
     from .attention_attributes import sync_layers
     return sync_layers(module, graph)
@@ -145,23 +156,25 @@ def apply_to_module(module: torch.nn.Module, graph: Graph, example_inputs: tuple
     """Update ``module`` in place to hold the graph's parameters and structure,
     then check it against the graph on the example inputs."""
     problems: list[str] = []
-    state = dict(module.named_parameters(remove_duplicate=False))
-    state.update(dict(module.named_buffers(remove_duplicate=False)))
     for edit in graph.module_edits:
         try:
             edit.apply(module)
         except Exception as e:  # structure the edit does not recognise
             problems.append(f"{edit.describe()}: {type(e).__name__}: {e}")
+    owners: dict[str, object] = {"": module}  # a path's object, looked up once for all its tensors
     for name, v in graph.consts.items():
         t = graph.tensors[name]
-        cur = _lookup(module, name)
+        path, _, leaf = name.rpartition(".")
+        owner = _lookup(module, path, owners)
+        cur = getattr(owner, leaf, None) if owner is not None else None
+        cur = cur if isinstance(cur, torch.Tensor) else None
         if cur is None and v.kind == "constant":
             continue  # a tensor literal of the forward code (lifted by export), not module state
         if cur is None:
             problems.append(f"{name}: the IR has this {v.kind} but the module has no such attribute")
             continue
         if cur is not t and (cur.shape != t.shape or cur.dtype != t.dtype or not torch.equal(cur, t)):
-            _set_tensor(module, name, t, v.kind)
+            _set_tensor(owner, leaf, t, v.kind)
     problems += sync_attributes(module, graph)
     from .hf_config import rewrite_config
     rewritten, not_rewritten = rewrite_config(module)
@@ -170,13 +183,14 @@ def apply_to_module(module: torch.nn.Module, graph: Graph, example_inputs: tuple
     return ModuleUpdate(not problems, problems, rewritten, not_rewritten)
 
 
-def _lookup(module: torch.nn.Module, name: str):
-    obj = module
-    for p in name.split("."):
-        obj = getattr(obj, p, None)
-        if obj is None:
-            return None
-    return obj if isinstance(obj, torch.Tensor) else None
+def _lookup(module: torch.nn.Module, path: str, owners: dict):
+    """The object at dotted ``path`` under ``module`` (None if there is none), memoised in ``owners``."""
+    if path in owners:
+        return owners[path]
+    parent, _, leaf = path.rpartition(".")
+    obj = _lookup(module, parent, owners)
+    obj = owners[path] = getattr(obj, leaf, None) if obj is not None else None
+    return obj
 
 
 def check_module(module, graph: Graph, example_inputs: tuple, reference_outputs=None) -> list[str]:
