@@ -122,8 +122,10 @@ class _Builder:
         self.pinned = np.zeros(self.n, dtype=bool)
         self.stat = np.zeros(self.n, dtype=bool)
         self.pin_reason: dict[int, str] = {}
+        # linked element pairs, as indices within their slots; made global at the end, all at once
         self.pairs_a: list[np.ndarray] = []
         self.pairs_b: list[np.ndarray] = []
+        self.pair_slots: list[tuple[int, int]] = []
         self.slot_edges: list[tuple[int, int]] = []  # slots linked by some channel pair
         self.barriers: list[Barrier] = []
 
@@ -145,8 +147,9 @@ class _Builder:
         self._append(sa, r, sb, r)
 
     def _append(self, sa: int, ia: np.ndarray, sb: int, ib: np.ndarray) -> None:
-        self.pairs_a.append(ia + self.offset_of[sa])
-        self.pairs_b.append(ib + self.offset_of[sb])
+        self.pairs_a.append(ia)
+        self.pairs_b.append(ib)
+        self.pair_slots.append((sa, sb))
         if sa != sb:
             self.slot_edges.append((sa, sb))
 
@@ -230,15 +233,18 @@ def build(graph: Graph, pins: list[str] = (), head_dim: bool = False, packed_hea
                 if (id(v), d) not in ctx.covered:
                     ctx.pin(v, d, f"the rule for {n.op} does not define dimension {d}")
     if b.pairs_a:
-        a = np.concatenate(b.pairs_a)
-        c = np.concatenate(b.pairs_b)
+        lens = np.fromiter(map(len, b.pairs_a), dtype=np.int64, count=len(b.pairs_a))
+        sa, sb = np.array(b.pair_slots, dtype=np.int64).T
+        a = np.concatenate(b.pairs_a) + np.repeat(b.offset[sa], lens)
+        c = np.concatenate(b.pairs_b) + np.repeat(b.offset[sb], lens)
     else:
         a = c = np.zeros(0, dtype=np.int64)
     n_units, labels = connected_components(b.n, a, c)
+    # a unit is pinned (a statistic) if any of its elements is; setting True needs no ufunc.at
     pinned = np.zeros(n_units, dtype=bool)
-    np.logical_or.at(pinned, labels, b.pinned)
+    pinned[labels[b.pinned]] = True
     stat = np.zeros(n_units, dtype=bool)
-    np.logical_or.at(stat, labels, b.stat)
+    stat[labels[b.stat]] = True
     has_param = np.zeros(n_units, dtype=bool)
     for s, (v, d) in enumerate(b.slots):
         if v.kind == "parameter":
