@@ -123,29 +123,28 @@ def sync_attributes(module: torch.nn.Module, graph: Graph) -> list[str]:
     the parameter shapes, so the module keeps working with the user's code.
     Returns a line per module whose code cannot express its new widths."""
     groups = _conv_groups(graph)
-    nn = torch.nn
     for name, m in module.named_modules():
         if not isinstance(m, _SIZED):  # most modules (activations, containers) have no weight to read
             continue
         w = getattr(m, "weight", None)
         pre = f"{name}.weight" if name else "weight"
-        if isinstance(m, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
+        if isinstance(m, torch.nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
             m.groups = groups.get(pre, m.groups)
             if m.transposed:
                 m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
             else:
                 m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
-        elif isinstance(m, nn.Linear) and isinstance(w, torch.Tensor):
+        elif isinstance(m, torch.nn.Linear) and isinstance(w, torch.Tensor):
             m.out_features, m.in_features = w.shape
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
+        elif isinstance(m, torch.nn.modules.batchnorm._NormBase):
             ref = w if isinstance(w, torch.Tensor) else m.running_mean
             if ref is not None:
                 m.num_features = ref.shape[0]
-        elif isinstance(m, nn.LayerNorm) and isinstance(w, torch.Tensor):
+        elif isinstance(m, torch.nn.LayerNorm) and isinstance(w, torch.Tensor):
             m.normalized_shape = tuple(w.shape)
-        elif isinstance(m, nn.GroupNorm) and isinstance(w, torch.Tensor):
+        elif isinstance(m, torch.nn.GroupNorm) and isinstance(w, torch.Tensor):
             m.num_channels = w.shape[0]
-        elif isinstance(m, nn.Embedding):
+        elif isinstance(m, torch.nn.Embedding):
             m.num_embeddings, m.embedding_dim = w.shape
     from .attention_attributes import sync_layers
     return sync_layers(module, graph)

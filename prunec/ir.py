@@ -61,14 +61,10 @@ def _collect_values(obj: Any, out: list) -> None:
 
 
 def iter_values(obj: Any) -> Iterator[Value]:
-    if isinstance(obj, Value):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from iter_values(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from iter_values(o)
+    """Every Value inside a nested args structure, in order."""
+    out: list[Value] = []
+    _collect_values((obj,), out)
+    return iter(out)
 
 
 class Node:
