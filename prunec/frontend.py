@@ -263,8 +263,13 @@ def _functionalize_inplace(graph: fx.Graph) -> bool:
 
 
 def _fresh(base: fx.Node) -> bool:
-    """A tensor the program computed itself, not a view (nor an input, parameter or buffer)."""
-    return base.op == "call_function" and _op_short(base) not in _ALIASING
+    """A tensor the program computed itself, not a view (nor an input, parameter or buffer).
+    A part of ``split`` / ``chunk`` / ``unbind`` is a view too: writing it writes their input."""
+    if base.op != "call_function":
+        return False
+    if base.target is _getitem:
+        base = base.args[0]
+    return _op_short(base) not in _ALIASING
 
 
 # a view written through, and the op that puts the written view back (same trailing arguments)

@@ -245,6 +245,26 @@ def test_inplace_write_to_a_base_read_later_takes_the_general_path():
     assert torch.equal(res(x), M()(x))
 
 
+
+def test_inplace_write_to_a_chunk_takes_the_general_path():
+    """A part of ``chunk`` is a view: writing it writes the chunked tensor (a rewrite that
+    treated the part as fresh returned the unwritten tensor; both tracers did)."""
+    from prunec import frontend
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            a, b = y.chunk(2, 1)
+            a.relu_()            # writes the first half of y
+            return y + 1
+
+    x = torch.randn(2, 4)
+    ep = frontend.export_module(M(), (x,))
+    assert not frontend._functionalize_inplace(ep.graph)
+    for tracer in ("auto", "export"):
+        res = prunec.compile(M(), (x,), passes="", tracer=tracer)
+        assert torch.equal(res(x), M()(x))
+
 class _SliceWrites(torch.nn.Module):
     """Writes into slices of a fresh tensor, as Swin builds its shifted-window mask."""
 
