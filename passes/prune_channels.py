@@ -49,12 +49,20 @@ OPTIONS = {
 def _slice_scores(t: torch.Tensor, d: int, kind: str) -> np.ndarray:
     t = t.detach().float()
     other = [i for i in range(t.dim()) if i != d]
-    # vector_norm reduces in one pass (abs().sum() first writes a full-size temporary: 3x slower)
-    if kind == "l2":
-        r = torch.linalg.vector_norm(t, 2, dim=other).square() if other else t * t
+    if not other:
+        r = t * t if kind == "l2" else t.abs()
+    elif d == 0 and t.numel() >= _ONE_PASS_NUMEL:
+        # rows of a large weight: vector_norm reduces in one pass, where abs().sum() first writes
+        # a full-size temporary (5x slower on VGG's 25088x4096 classifier)
+        r = torch.linalg.vector_norm(t, 2 if kind == "l2" else 1, dim=other)
+        r = r.square() if kind == "l2" else r
     else:
-        r = torch.linalg.vector_norm(t, 1, dim=other) if other else t.abs()
+        # small weights, and reductions across rows: vector_norm is 2-6x slower here
+        r = (t * t if kind == "l2" else t.abs()).sum(other)
     return r.numpy().astype(np.float64)
+
+
+_ONE_PASS_NUMEL = 1 << 22
 
 
 def _taylor_grads(graph: Graph, am) -> dict[str, torch.Tensor]:

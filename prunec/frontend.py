@@ -348,12 +348,9 @@ def _record(module: torch.nn.Module, example_inputs: tuple) -> tuple[Graph | Non
     from .recorder import Unrecordable, record
     _prepare(module)
     try:
-        g, specs, out_spec = record(module, tuple(example_inputs))
-        if not _functionalize_inplace(g):
-            raise Unrecordable("an in-place op the functionalization does not cover")
+        graph = record(module, tuple(example_inputs))
     except Unrecordable as e:
         return None, str(e)
-    graph = _to_ir(g, specs, out_spec)
     graph.tracer = "recorder"
     return graph, ""
 

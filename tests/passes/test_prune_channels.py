@@ -81,6 +81,19 @@ def test_every_criterion_is_exact(criterion):
         assert max_rel_error(res(x), masked_copy(original, res.plan)(x)) <= 1e-5
 
 
+
+@pytest.mark.parametrize("shape", [(6,), (8, 5, 3, 3), (1 << 11, 1 << 11)], ids=["vector", "conv", "large"])
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_slice_scores_are_the_norms_along_every_dimension(shape, kind):
+    """Both reductions (one pass for the rows of a large weight, abs/square then sum elsewhere)
+    give each slice's L1 norm or squared L2 norm."""
+    from prunec.passes.prune_channels import _slice_scores
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for d in range(t.dim()):
+        want = [(t.select(d, i).abs().sum() if kind == "l1" else t.select(d, i).square().sum()).item()
+                for i in range(t.shape[d])]
+        assert _slice_scores(t, d, kind) == pytest.approx(want, rel=1e-4)
+
 def test_bn_scale_removes_the_smallest_gammas():
     m = _chain().eval()
     with torch.no_grad():
