@@ -46,7 +46,12 @@ OPTIONS = {
 }
 
 
-def _slice_scores(t: torch.Tensor, d: int, kind: str) -> np.ndarray:
+def _slice_scores(t: torch.Tensor, d: int, kind: str, last: list | None = None) -> np.ndarray:
+    """Per index along ``d``: the L1 norm (``l1``) or squared L2 norm of the slice.  ``last`` keeps
+    the latest tensor's |t| or t*t for its next channel dimension (a conv weight's out, then in:
+    a tensor's slots come one after another), keyed by the id of ``t``, which the caller keeps
+    alive; one entry, as holding them all made fresh allocations cost more than it saved."""
+    key = (id(t), kind)
     t = t.detach().float()
     other = [i for i in range(t.dim()) if i != d]
     if not other:
@@ -58,7 +63,13 @@ def _slice_scores(t: torch.Tensor, d: int, kind: str) -> np.ndarray:
         r = r.square() if kind == "l2" else r
     else:
         # small weights, and reductions across rows: vector_norm is 2-6x slower here
-        r = (t * t if kind == "l2" else t.abs()).sum(other)
+        if last and last[0] == key:
+            m = last[1]
+        else:
+            m = t * t if kind == "l2" else t.abs()
+            if last is not None:
+                last[:] = [key, m]
+        r = m.sum(other)
     return r.numpy().astype(np.float64)
 
 
@@ -94,6 +105,7 @@ def unit_scores(graph: Graph, cg, criterion: str, am, seed: int) -> np.ndarray:
                 if getattr(w, "is_const", False):
                     norm_weights.add(w.name)
     fallback = np.zeros(n_units)
+    last: list = []  # see _slice_scores
     for s, (v, d) in enumerate(cg.slots):
         if v.kind != "parameter":
             continue
@@ -107,12 +119,12 @@ def unit_scores(graph: Graph, cg, criterion: str, am, seed: int) -> np.ndarray:
             g = grads.get(v.name)
             vec = _slice_scores(t * g, d, "l1") if g is not None else np.zeros(t.shape[d])
         elif criterion == "bn-scale":
-            np.add.at(fallback, labels, _slice_scores(t, d, "l1"))
+            np.add.at(fallback, labels, _slice_scores(t, d, "l1", last))
             if v.name not in norm_weights:
                 continue
             vec = np.abs(t.detach().float().numpy())
         else:
-            vec = _slice_scores(t, d, criterion)
+            vec = _slice_scores(t, d, criterion, last)
         np.add.at(scores, labels, vec)
     if criterion == "l2":
         scores = np.sqrt(scores)

@@ -381,3 +381,30 @@ def test_slot_graph_components_are_the_groups():
     assert cg.groups and all(tuple(g.slots) in comps for g in cg.groups)
     with_params = [c for c in comps if any(cg.slots[s][0].kind == "parameter" for s in c)]
     assert len(with_params) == len(cg.groups)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "shufflenet_v2_x0_5", "vit_b_16"])
+def test_units_are_the_components_over_every_element(name):
+    """Units are found on the identity classes' smallest slots only (prunec.dependency._unit_labels);
+    they must be the connected components over all elements, every identity link expanded to its
+    element pairs, numbered alike; groups likewise."""
+    torchvision = pytest.importorskip("torchvision")
+    from prunec import dependency as D
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, **({"aux_logits": False, "init_weights": False}
+                                                  if name == "googlenet" else {})).eval()
+    size = 224 if name == "vit_b_16" else 64
+    graph = prunec.trace(model, (torch.randn(1, 3, size, size),))
+    b = D._apply_rules(graph, (), False, False)
+    a, c = D._pair_edges(b)
+    ia, ib = np.array(b.ident_a, dtype=np.int64), np.array(b.ident_b, dtype=np.int64)
+    n = b.size[ia]
+    within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    a = np.concatenate([a, np.repeat(b.offset[ia], n) + within])
+    c = np.concatenate([c, np.repeat(b.offset[ib], n) + within])
+    want_n, want = D.connected_components(b.n, a, c)
+    got_n, got, kept = D._unit_labels(b)
+    assert got_n == want_n and np.array_equal(got, want)
+    cg = D.build(graph)  # groups read from the kept elements only: the same as from all of them
+    assert [vars(g) for g in cg.groups] == [vars(g) for g in D._groups(cg)]
+    assert b.ident_a and bool(b.pairs_a) == (name != "resnet18")  # concat, shuffle, heads: other links
