@@ -340,8 +340,8 @@ def render(results: dict, models: list[tuple[str, str]], ratio: float, cap_gb: f
             def nums(r):
                 if not r or not r.get("ok"):
                     return ["–"] * 4 if not r or "time_s" not in r else \
-                        ["–", "–", f"{r['time_s']:.1f}", fmt_int(r.get("rss_bytes"), "B")]
-                t = f"{r['time_s']:.1f}" + (f" ({r['trace_s']:.1f}" + (" E" if r.get("tracer", "recorder")
+                        ["–", "–", f"{r['time_s']:.2f}", fmt_int(r.get("rss_bytes"), "B")]
+                t = f"{r['time_s']:.2f}" + (f" ({r['trace_s']:.2f}" + (" E" if r.get("tracer", "recorder")
                                                                         != "recorder" else "") + ")"
                                             if "trace_s" in r else "")
                 return [fmt_int(r.get("params_after")), fmt_int(r.get("flops_after")), t,

@@ -272,8 +272,8 @@ def _unit_labels(b: _Builder) -> tuple[int, np.ndarray, np.ndarray]:
     most of every graph) are merged slot by slot first; the element-level components are then
     found only among the elements of each identity class's smallest slot, where the other links
     are moved.  Every element has a smaller twin in its class's smallest slot, so each unit's
-    smallest element lies there and the numbering is the one over all elements (a ResNet has
-    ~140k elements; this leaves a tenth of them, and a tenth of the time)."""
+    smallest element lies there and the numbering is the one over all elements (MNASNet 0.75 has
+    142k elements; this leaves 18k, and a fifth of the time)."""
     n_slots = len(b.slots)
     n_cls, cls = connected_components(n_slots, np.array(b.ident_a, dtype=np.int64),
                                       np.array(b.ident_b, dtype=np.int64))
