@@ -213,17 +213,14 @@ def _functionalize_inplace(graph: fx.Graph) -> bool:
     for n in nodes:
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
-        schema = n.target._schema
-        if not schema.is_mutable:
+        if not n.target._schema.is_mutable:
             continue
-        name = schema.name.split("::")[-1]
-        packet = getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") else None
-        functional = getattr(packet, n.target._overloadname, None) if packet is not None else None
+        functional = functional_twin(n.target)
         a = n.args[0] if n.args else None
         if functional is None or not isinstance(a, fx.Node):
             return False
-        if name in ("dropout_", "feature_dropout_", "alpha_dropout_") and not n.args[2]:
-            plan.append((n, functional, a))  # inference dropout writes nothing
+        if writes_nothing(n.target, n.args):
+            plan.append((n, functional, a))
             continue
         # ``out[:, :c]`` over all of ``out`` exports as ``alias(out)``: writing into the alias
         # writes its base, which is fine as long as nothing reads the base afterwards.
@@ -260,6 +257,20 @@ def _functionalize_inplace(graph: fx.Graph) -> bool:
             if u is not n and order[u] > order[n]:
                 u.replace_input_with(a, n)
     return True
+
+
+def functional_twin(op: torch._ops.OpOverload):
+    """``aten.relu.default`` for ``aten.relu_.default``: the out-of-place overload of an in-place
+    op, or None (not an in-place op, or no twin)."""
+    name = op._schema.name.split("::")[-1]
+    packet = getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") else None
+    return getattr(packet, op._overloadname, None) if packet is not None else None
+
+
+def writes_nothing(op: torch._ops.OpOverload, args) -> bool:
+    """Inference dropout: an in-place op that leaves its operand as it is."""
+    return op._schema.name.split("::")[-1] in ("dropout_", "feature_dropout_", "alpha_dropout_") \
+        and not args[2]
 
 
 def _fresh(base: fx.Node) -> bool:

@@ -45,7 +45,7 @@ import torch.utils._pytree as pytree
 from torch.fx.immutable_collections import immutable_list
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .frontend import _ALIASING
+from .frontend import _ALIASING, functional_twin, writes_nothing
 from .ir import Graph, Node, Value, iter_values, op_name
 
 aten = torch.ops.aten
@@ -296,14 +296,12 @@ class _IrSink:
     def _functional(self, func, args):
         """``func``'s functional twin where the rewrite is the simple case of frontend's
         ``_functionalize_inplace`` (which stays the reference); else raise ``_General``."""
-        name = op_name(func)
-        packet = getattr(aten, name[:-1], None) if name.endswith("_") else None
-        functional = getattr(packet, func._overloadname, None) if packet is not None else None
+        functional = functional_twin(func)
         a = args[0] if args else None
         if functional is None or not isinstance(a, Value):
             raise _General
-        if name in ("dropout_", "feature_dropout_", "alpha_dropout_") and not args[2]:
-            return functional  # inference dropout writes nothing
+        if writes_nothing(func, args):
+            return functional
         if a.producer is None or op_name(a.producer.target) in _ALIASING or id(a) in self.viewed:
             raise _General  # a view, or viewed: the write reaches other tensors
         return functional
