@@ -84,10 +84,11 @@ class _Recorder(TorchDispatchMode):
     """A dispatch mode at the Python key, entered below autograd (see ``record``); hands every
     op, its arguments, result and module stack to ``on_op``."""
 
-    def __init__(self, stack: list, on_op):
+    def __init__(self, stack: list, on_op, fake=None):
         super().__init__()
         self.stack = stack   # the module path stack, kept by module hooks
         self.on_op = on_op
+        self.fake = fake     # stands in for running an op (``prunec.module_check``); NotImplemented: run it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -98,7 +99,9 @@ class _Recorder(TorchDispatchMode):
             raise Unrecordable(f"aten.{name} depends on tensor values")
         if "out" in kwargs:
             raise Unrecordable(f"aten.{name} writes an out= tensor")
-        out = func(*args, **kwargs)
+        out = NotImplemented if self.fake is None else self.fake(func, args, kwargs)
+        if out is NotImplemented:
+            out = func(*args, **kwargs)
         self.on_op(func, args, kwargs, out, tuple(self.stack))
         return out
 
@@ -164,7 +167,7 @@ def record(module: torch.nn.Module, example_inputs: tuple) -> Graph:
     return _to_ir(g, specs, out_spec)
 
 
-def _run(module: torch.nn.Module, example_inputs: tuple, on_op):
+def _run(module: torch.nn.Module, example_inputs: tuple, on_op, fake=None):
     """One forward pass under the recorder; returns the module's output."""
     paths = {id(m): name for name, m in module.named_modules()}
     stack: list = []  # (stack key, module path, module type) of the modules being called
@@ -187,7 +190,7 @@ def _run(module: torch.nn.Module, example_inputs: tuple, on_op):
         # paths the exported program does not hold (nn.MultiheadAttention's fused kernel), and
         # norms pass the cuDNN flag on as an argument.
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), \
-                torch._C._AutoDispatchBelowAutograd(), _Guard(), _Recorder(stack, on_op):
+                torch._C._AutoDispatchBelowAutograd(), _Guard(), _Recorder(stack, on_op, fake):
             return module(*example_inputs)
     except (Unrecordable, _General):
         raise
@@ -294,20 +297,25 @@ class _IrSink:
         return outs if multi else outs[0]
 
     def _functional(self, func, args):
-        """``func``'s functional twin where the rewrite is the simple case of frontend's
-        ``_functionalize_inplace`` (which stays the reference); else raise ``_General``."""
-        functional = functional_twin(func)
-        a = args[0] if args else None
-        if functional is None or not isinstance(a, Value):
-            raise _General
-        if writes_nothing(func, args):
-            return functional
-        if a.producer is None or op_name(a.producer.target) in _ALIASING or id(a) in self.viewed:
-            raise _General  # a view, or viewed: the write reaches other tensors
-        return functional
+        return functional_target(func, args, self.viewed)
 
     def output(self, outs, out_spec):
         return Graph(self.inputs, self.nodes, outs, self.consts, self.tensors, out_spec, self.input_names)
+
+
+def functional_target(func, args, viewed: set):
+    """``func``'s functional twin where the rewrite is the simple case of frontend's
+    ``_functionalize_inplace`` (which stays the reference); else raise ``_General``.
+    ``viewed``: ids of the values some aliasing op has read."""
+    functional = functional_twin(func)
+    a = args[0] if args else None
+    if functional is None or not isinstance(a, Value):
+        raise _General
+    if writes_nothing(func, args):
+        return functional
+    if a.producer is None or op_name(a.producer.target) in _ALIASING or id(a) in viewed:
+        raise _General  # a view, or viewed: the write reaches other tensors
+    return functional
 
 
 class _Walker:
