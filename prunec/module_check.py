@@ -24,6 +24,7 @@ falls back to the numeric comparison, which then names what differs.
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from .frontend import _ALIASING
 from .ir import Graph, Value, iter_values, op_name
@@ -121,13 +122,15 @@ class _MatchSink:
         rets = func._schema.returns
         if func._schema.is_mutable:
             # only ``op_(x, ...) -> x`` on activations: the walker checks what it writes
-            if not (name.endswith("_") and len(rets) == 1 and args and isinstance(args[0], torch.Tensor)):
+            if not (name.endswith("_") and len(rets) == 1 and args and isinstance(args[0], torch.Tensor)) \
+                    or name[:-1] in _ALIASING:  # ``transpose_``: changes the operand's shape, not its values
                 raise _Mismatch
             return args[0]
         n = self._next()
         if not rets:
             return None
-        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None) or kwargs.get("device") or "cpu"
+        dev = next((a.device for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None) \
+            or kwargs.get("device") or "cpu"
         made = [torch.empty(v.shape, dtype=v.dtype, device=dev) for v in n.outputs]
         if not n.multi:
             if len(made) != 1:

@@ -109,3 +109,22 @@ def test_an_exported_graph_is_left_to_the_numeric_check():
     assert not runs_graph(model, g, (x,))
     g2 = prunec.trace(copy.deepcopy(model), (x,))
     assert g2.tracer == "recorder" and runs_graph(model, g2, (x,))
+
+
+class TransposesInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y.t_()  # changes the operand's shape: not matched without running it
+        return y * 2.0
+
+
+def test_shape_changing_in_place_op_is_left_to_the_numeric_check():
+    model, x = TransposesInPlace().eval(), torch.randn(2, 4)
+    g = prunec.trace(model, (x,))
+    assert g.tracer == "recorder"
+    assert not runs_graph(model, g, (x,))
+    assert torch_backend.check_module(model, g, (x,)) == []
