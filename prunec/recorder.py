@@ -283,7 +283,7 @@ class _IrSink:
 
     def call(self, func, args, kwargs, res, stack):
         name = self._name(self.names._target_to_str(func.overloadpacket.__name__))
-        target = self._functional(func, args) if func._schema.is_mutable else func
+        target = functional_target(func, args, self.viewed) if func._schema.is_mutable else func
         if op_name(func) in _ALIASING:
             self.viewed.update(id(v) for v in iter_values(args))
         if isinstance(res, (list, tuple)):
@@ -295,9 +295,6 @@ class _IrSink:
         multi = not isinstance(res, torch.Tensor)
         self.nodes.append(Node(name, target, args, kwargs, outs, multi, {"stack": _stack_meta(stack)}))
         return outs if multi else outs[0]
-
-    def _functional(self, func, args):
-        return functional_target(func, args, self.viewed)
 
     def output(self, outs, out_spec):
         return Graph(self.inputs, self.nodes, outs, self.consts, self.tensors, out_spec, self.input_names)

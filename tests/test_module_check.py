@@ -82,7 +82,7 @@ def test_silent_difference_falls_back_and_is_reported():
                                    "(its Python code likely hard-codes a shape)"]
 
 
-class WritesItsInput(nn.Module):
+class WritesThroughAView(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
@@ -94,7 +94,7 @@ class WritesItsInput(nn.Module):
 
 
 def test_write_through_a_view_is_not_matched_and_writes_nothing():
-    model, x = WritesItsInput().eval(), torch.randn(3, 4)
+    model, x = WritesThroughAView().eval(), torch.randn(3, 4)
     g = prunec.trace(model, (x,))
     x0, w0 = x.clone(), model.fc.weight.detach().clone()
     assert not runs_graph(model, g, (x,))
