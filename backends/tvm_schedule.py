@@ -1,7 +1,7 @@
 """Default (untuned) schedules.
 
 CUDA: TVM's dlight GPU rules.  CPU: prunec's own rules, tried in order on each
-fused kernel, then dlight's CPU rules, then a parallel fallback:
+fused kernel, with dlight's CPU rules as fallbacks:
 
 * ``RegisterTiledReduction``: a kernel with one reduction block (convolution,
   matmul, pooling, depthwise convolution).  The output is tiled into a
@@ -16,6 +16,8 @@ fused kernel, then dlight's CPU rules, then a parallel fallback:
   column counts are zero-padded.  Pooling reads its input with a bounds check instead of a
   padding pass.  A depthwise convolution (no axis to reuse an operand across) is tiled
   over several output rows with its window unrolled, so the rows share input loads.
+* ``RowReduction`` (tvm_schedule_rows.py): layer norm, softmax and other row-wise chains of
+  reductions, with vector partial sums.
 * ``ParallelInjective``: element-wise/layout kernels: element-wise stages inlined into one
   pass, fused loops in parallel, innermost vectorized.
 
@@ -25,8 +27,13 @@ left alone.
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, sym, tirx
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
+
+from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, plane_vectors
+from .tvm_schedule_layout import reads_using as _reads_using
+from .tvm_schedule_layout import vars_in as _vars_in
+from .tvm_schedule_rows import RowReduction
 
 _DATA_PAR, _REDUCE = 0, 2
 
@@ -36,15 +43,6 @@ def _largest_divisor(n: int, limit: int) -> int:
         if n % d == 0:
             return d
     return 1
-
-
-def _reads_using(block, var: str) -> list:
-    """The block's read regions indexed with loop variable ``var``."""
-    return [r for r in block.reads if any(var in _vars_in(rg.min) for rg in r.region)]
-
-
-def _vars_in(expr) -> set:
-    return {v.name for v in tirx.analysis.undefined_vars(expr)}
 
 
 def _is_scheduled(func) -> bool:
@@ -126,6 +124,10 @@ class RegisterTiledReduction(dl.ScheduleRule):
         b = sch.get(main)
         if len(b.writes) != 1:
             return None
+        # an unpadded convolution's "padding" stage is a plain copy of its input: an extra pass over
+        # memory (and a parallel launch) that scales with the input, not with the FLOPs
+        pro = [blk for blk in pro if not inline_copy(sch, blk)]
+        b = sch.get(main)
         if len(b.reads) == 1 and pro:
             # a window reduction (pooling) reads each padded value about once: reading the input
             # with a bounds check beats a separate padding pass (ResNet-18's max pool: 3x faster)
@@ -207,7 +209,12 @@ class RegisterTiledReduction(dl.ScheduleRule):
         elif raxis is None and len(b.reads) >= 2 and len(spatial) >= 2 and cache is not None:
             self._tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis)
         else:
-            _deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
+            deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
+            if plane_vectors(b, ext, spatial, reduce, vaxis, raxis, self.vec):
+                fuse_plane(sch, main, cache, b, ext, spatial, reduce, vaxis)
+                loops = sch.get_loops(main)
+                ext = [int(sch.get(lp).extent) for lp in loops]
+                spatial, reduce, vaxis = spatial[:-1], [i - 1 for i in reduce], vaxis - 1
             self._tile_conv(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis)
         # 3. prologue (padding, layout) and left-over epilogue kernels
         for blk in pro:
@@ -335,33 +342,6 @@ def _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r,
             pass
 
 
-def _deinterleave_strided(sch, main, pro, vvar) -> None:
-    """A stride-``s`` convolution reads its padded input at ``s * x + r`` along the vector axis: a
-    gather per vector.  Store the padding stage phase-split, ``(w % s, w // s)``, so each tap reads
-    contiguous lanes (ResNet-50's 7x7 stem and its stride-2 3x3s ran about 1.5-1.9x faster).
-    Only buffers this kernel pads itself are re-laid out: a parameter's layout is the caller's."""
-    producer = {sch.get(p).writes[0].source: p for p in pro if len(sch.get(p).writes) == 1}
-    b = sch.get(main)
-    for i, r in enumerate(b.reads):
-        pad = producer.get(r.source)
-        if pad is None or len(r.region) < 2:
-            continue
-        coef = sym.detect_linear_equation(r.region[-1].min, [vvar])
-        stride = int(coef[0]) if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) else 1
-        width = r.source.shape[-1]
-        if stride < 2 or not isinstance(width, tirx.IntImm) or int(width) % stride:
-            continue
-        nd = len(r.source.shape)
-        imap = tirx.IndexMap.from_func(lambda *ix: (*ix[:-1], ix[-1] % stride, ix[-1] // stride), ndim=nd,
-                                       index_dtype=str(width.ty))
-        sch.transform_layout(main, ("read", i), imap)
-        try:  # the padding stage loops in its new layout: contiguous stores
-            sch.transform_block_layout(pad, imap)
-        except Exception:  # noqa: BLE001 - keeps its loops
-            pass
-        return
-
-
 def blk_is_root_level(sch, blk) -> bool:
     loops = sch.get_loops(blk)
     if not loops:
@@ -440,7 +420,8 @@ def cpu_rules(target) -> list:
     # one vector register of lanes x 8 rows of accumulators: 8 registers, leaving room for
     # operands (16 lanes x 8 rows spills on AVX2's 16 registers)
     vec = vector_lanes(target)
-    return [RegisterTiledReduction(vec=vec, reg=8), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelInjective()]
+    return [RegisterTiledReduction(vec=vec, reg=8), dl.cpu.GEMV(), RowReduction(lanes=vec), dl.cpu.Reduction(),
+            ParallelInjective()]
 
 
 def gpu_rules() -> list:

@@ -3,7 +3,7 @@ dense and after a pruning pipeline, measured side by side in one run.
 
     python benchmarks/latency.py [--models resnet18,resnet50,mobilenet_v2,vit_b_16]
         [--pipeline 'fold-bn,prune-channels{ratio=0.5}'] [--threads 2] [--inductor] [--tune-trials N]
-        [--rounds 15] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR] [--target cuda]
+        [--rounds 15] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR] [--target cuda] [--mcpu znver3]
 
 Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import time
 
@@ -106,6 +107,11 @@ def measure_interleaved(variants: dict, rounds: int) -> None:
         variants[v][0][c] = float(np.median(ts))
 
 
+def _host_cpu() -> str:
+    from prunec.backends.tvm_lower import host_cpu
+    return host_cpu()
+
+
 def _fmt(v: float) -> str:
     return "–" if v != v else f"{v:.1f}"
 
@@ -119,6 +125,9 @@ def main():
                          "the ratio measures the pruning alone)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    ap.add_argument("--mcpu", default=None,
+                    help="CPU to generate code for (default: this machine's), e.g. znver3 for AVX2 code on an "
+                         "AVX-512 host")
     ap.add_argument("--inductor", action="store_true")
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per (model, variant)")
     ap.add_argument("--tune-models", default=None, help="comma list of models to tune (default: all)")
@@ -127,13 +136,18 @@ def main():
     ap.add_argument("--tuning-db", default=None,
                     help="directory of tuning databases, one per model-variant (default: fresh temporary ones)")
     args = ap.parse_args()
+    if args.mcpu:
+        if args.target != "llvm":
+            ap.error("--mcpu needs --target llvm")
+        args.target = json.dumps({"kind": "llvm", "mcpu": args.mcpu})
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     tune_models = set((args.tune_models or args.models).split(",")) if args.tune_trials else set()
-    cols = ["eager"] + (["inductor"] if args.inductor else []) + ["tvm", "tuned"]
+    cols = ["eager"] + (["inductor"] if args.inductor else []) + ["tvm"] + (["tuned"] if args.tune_trials else [])
     labels = {"eager": "eager", "inductor": "inductor", "tvm": "TVM untuned",
               "tuned": f"TVM tuned ({args.tune_trials} trials)"}
-    where = f"{torch.cuda.get_device_name()} (CUDA)" if args.target == "cuda" else f"{args.threads} threads"
+    where = (f"{torch.cuda.get_device_name()} (CUDA)" if args.target == "cuda" else
+             f"{args.threads} threads, target {args.target} on a {_host_cpu()} host")
     print(f"batch 1, {where}, pipeline `{args.pipeline}`, times in ms (median of {args.rounds} "
           "interleaved rounds)\n")
     head = ("| model | variant | GFLOPs | " + " | ".join(labels[c] for c in cols)
@@ -152,7 +166,8 @@ def main():
             for c in cols:
                 r.setdefault(c, float("nan"))
         for variant, r in (("dense", dense), ("pruned", pruned)):
-            best = min(r["tvm"], r["tuned"]) if r["tuned"] == r["tuned"] else r["tvm"]
+            tuned = r.get("tuned", float("nan"))
+            best = min(r["tvm"], tuned) if tuned == tuned else r["tvm"]
             print(f"| {name} | {variant} | {r['flops'] / 1e9:.2f} | " + " | ".join(_fmt(r[c]) for c in cols)
                   + f" | {r['eager'] / best:.2f}x | {r['build_s']:.0f} | {_fmt(r.get('tune_build_s', float('nan')))}"
                   f" | {_fmt(r.get('repeat_build_s', float('nan')))} |", flush=True)

@@ -183,3 +183,49 @@ def test_strided_conv_schedule_matches_torch(shape, split):
     out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _pointwise(cin: int, cout: int, h: int, w: int):
+    """relu6(conv1x1(x) + bias) + residual, with the plain copy stage TOPI emits for an unpadded conv."""
+    x = te.placeholder((1, cin, h, w), "float32", name="x")
+    wt = te.placeholder((cout, cin, 1, 1), "float32", name="wt")
+    bias = te.placeholder((cout,), "float32", name="bias")
+    res = te.placeholder((1, cout, h, w), "float32", name="res")
+    xp = te.compute((1, cin, h, w), lambda n, i, a, b: x[n, i, a, b], name="pad_temp")
+    rc, ry, rx = te.reduce_axis((0, cin), "rc"), te.reduce_axis((0, 1), "ry"), te.reduce_axis((0, 1), "rx")
+    y = te.compute((1, cout, h, w), lambda n, o, a, b: te.sum(
+        xp[n, rc, a + ry, b + rx] * wt[o, rc, ry, rx], axis=[rc, ry, rx]), name="y")
+    z = te.compute((1, cout, h, w), lambda n, o, a, b: te.min(te.max(y[n, o, a, b] + bias[o], 0.0), 6.0)
+                   + res[n, o, a, b], name="z")
+    return te.create_prim_func([x, wt, bias, res, z])
+
+
+@pytest.mark.parametrize("shape", [
+    (12, 72, 28, 28),   # a 28-wide row: ragged for AVX-512's 16 lanes, its 784-element plane is not
+    (8, 12, 56, 56),    # 12 output channels in one register tile
+    (16, 24, 7, 7),     # 49-element plane: ragged either way, rows kept
+    (5, 9, 8, 8),       # a row of whole vectors on AVX2
+])
+def test_pointwise_conv_schedule_matches_torch(shape):
+    cin, cout, h, w = shape
+    func, target = _schedule(_pointwise(cin, cout, h, w))
+    names = {b.name_hint for b in _blocks(func)}
+    assert "pad_temp" not in names, names  # the copy is read through, not run as its own pass
+    lanes = tvm_schedule.vector_lanes(target)
+    sch = s_tir.Schedule(func)
+    update = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+              if sch.get(b).name_hint.startswith("y") and any(iv.iter_type == 2 for iv in sch.get(b).iter_vars)]
+    vec = int(sch.get(sch.get_loops(update[-1])[-1]).extent)
+    if w % lanes and (h * w) % lanes == 0:
+        assert vec == lanes, (vec, lanes)  # vectors along the fused plane
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, cin, h, w)).astype("float32")
+    wt = rng.standard_normal((cout, cin, 1, 1)).astype("float32")
+    bias = rng.standard_normal(cout).astype("float32")
+    res = rng.standard_normal((1, cout, h, w)).astype("float32")
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(bias))
+    ref = (torch.clamp(conv, 0.0, 6.0) + torch.from_numpy(res)).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, wt, bias, res)], out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4)
