@@ -9,7 +9,10 @@ Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
 speedup as a fraction of the FLOPs ratio.  With ``--target cuda`` every column runs on
 the GPU (torch eager with cuDNN, inductor, TVM with its dlight GPU schedules); a torch
-call is timed up to its ``torch.cuda.synchronize()``.
+call is timed up to its ``torch.cuda.synchronize()``.  ``--mcpu`` builds for another CPU than
+this machine's (``znver3``: AVX2 code on an AVX-512 host).  On a shared VM, run one model per
+process (a shell loop over ``--models``): one process for several models ran MobileNetV2's TVM
+builds up to 1.7x slower than a fresh process did (docs/benchmarks.md, fourteenth session).
 """
 from __future__ import annotations
 
