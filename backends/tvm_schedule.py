@@ -207,7 +207,18 @@ class RegisterTiledReduction(dl.ScheduleRule):
         if gemm is not None:
             self._tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm)
         elif raxis is None and len(b.reads) >= 2 and len(spatial) >= 2 and cache is not None:
-            self._tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis)
+            if self._tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis):
+                # whole channels per task: pad each channel inside its task, in cache, instead of
+                # in a separate parallel pass over all of them
+                par = sch.get_loops(main)[0]
+                kept = []
+                for blk in reversed(pro):
+                    try:
+                        sch.compute_at(blk, par)
+                        sch.vectorize(sch.get_loops(blk)[-1])
+                    except Exception:  # noqa: BLE001 - stays a parallel prologue stage
+                        kept.insert(0, blk)
+                pro = kept
         else:
             deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
             if plane_vectors(b, ext, spatial, reduce, vaxis, raxis, self.vec):
@@ -274,7 +285,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
             except Exception:  # noqa: BLE001 - a ragged tail: scalar copy
                 pass
 
-    def _tile_window(self, sch, main, cache, loops, ext, spatial, reduce, vaxis) -> None:
+    def _tile_window(self, sch, main, cache, loops, ext, spatial, reduce, vaxis) -> bool:
         """Depthwise convolution: no output axis reuses an operand, so tile ``r`` output rows x
         ``v`` columns and unroll the (small) window: after unrolling, rows share their input loads.
         Vector widths divide the row (a guarded vector loop is left scalar by TVM).  MobileNetV2's
@@ -285,11 +296,17 @@ class RegisterTiledReduction(dl.ScheduleRule):
         row = spatial[-2]
         r = 4 if v <= lanes else 2  # about four vector registers of accumulators
         r = r if ext[row] % r == 0 else 2 if ext[row] % 2 == 0 else 1
+        # a small plane (7x7; 14x14 with AVX-512's 32 registers): one channel per task, all its rows'
+        # accumulators in registers (MobileNetV2's 480-channel 7x7 depthwise: 0.071 -> 0.018 ms)
+        plane = v == width and ext[row] * -(-v // lanes) <= (16 if lanes >= 16 else 8)
+        if plane:
+            r = ext[row]
         window = 1
         for i in reduce:
             window *= ext[i]
         _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, row, r,
                        serial_columns=True, unroll_window=window <= 49)  # up to 7x7
+        return plane
 
     def _tile_conv(self, sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis) -> None:
         v = _largest_divisor(ext[vaxis], self.vec)
