@@ -45,6 +45,18 @@ def _largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
+def _refusing(pro: list, move) -> list:
+    """Apply ``move`` (inline, compute-at) to each prologue stage, last first (a stage's consumer
+    moves before it); the stages it raised on, which stay parallel prologue passes."""
+    kept = []
+    for blk in reversed(pro):
+        try:
+            move(blk)
+        except Exception:  # noqa: BLE001 - stays a parallel prologue stage
+            kept.insert(0, blk)
+    return kept
+
+
 def _is_scheduled(func) -> bool:
     return "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
 
@@ -131,13 +143,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
         if len(b.reads) == 1 and pro:
             # a window reduction (pooling) reads each padded value about once: reading the input
             # with a bounds check beats a separate padding pass (ResNet-18's max pool: 3x faster)
-            kept = []
-            for blk in reversed(pro):
-                try:
-                    sch.compute_inline(blk)
-                except Exception:  # noqa: BLE001 - stays a parallel prologue stage
-                    kept.insert(0, blk)
-            pro = kept
+            pro = _refusing(pro, sch.compute_inline)
             b = sch.get(main)
         spatial = [i for i, iv in enumerate(b.iter_vars) if iv.iter_type == _DATA_PAR]
         reduce = [i for i, iv in enumerate(b.iter_vars) if iv.iter_type == _REDUCE]
@@ -211,14 +217,11 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # whole channels per task: pad each channel inside its task, in cache, instead of
                 # in a separate parallel pass over all of them
                 par = sch.get_loops(main)[0]
-                kept = []
-                for blk in reversed(pro):
-                    try:
-                        sch.compute_at(blk, par)
-                        sch.vectorize(sch.get_loops(blk)[-1])
-                    except Exception:  # noqa: BLE001 - stays a parallel prologue stage
-                        kept.insert(0, blk)
-                pro = kept
+
+                def into_task(blk):
+                    sch.compute_at(blk, par)
+                    sch.vectorize(sch.get_loops(blk)[-1])
+                pro = _refusing(pro, into_task)
         else:
             deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
             if plane_vectors(b, ext, spatial, reduce, vaxis, raxis, self.vec):

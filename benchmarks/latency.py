@@ -110,11 +110,6 @@ def measure_interleaved(variants: dict, rounds: int) -> None:
         variants[v][0][c] = float(np.median(ts))
 
 
-def _host_cpu() -> str:
-    from prunec.backends.tvm_lower import host_cpu
-    return host_cpu()
-
-
 def _fmt(v: float) -> str:
     return "–" if v != v else f"{v:.1f}"
 
@@ -139,6 +134,7 @@ def main():
     ap.add_argument("--tuning-db", default=None,
                     help="directory of tuning databases, one per model-variant (default: fresh temporary ones)")
     args = ap.parse_args()
+    from prunec.backends.tvm_lower import host_cpu
     if args.mcpu:
         if args.target != "llvm":
             ap.error("--mcpu needs --target llvm")
@@ -150,7 +146,7 @@ def main():
     labels = {"eager": "eager", "inductor": "inductor", "tvm": "TVM untuned",
               "tuned": f"TVM tuned ({args.tune_trials} trials)"}
     where = (f"{torch.cuda.get_device_name()} (CUDA)" if args.target == "cuda" else
-             f"{args.threads} threads, target {args.target} on a {_host_cpu()} host")
+             f"{args.threads} threads, target {args.target} on a {host_cpu()} host")
     print(f"batch 1, {where}, pipeline `{args.pipeline}`, times in ms (median of {args.rounds} "
           "interleaved rounds)\n")
     head = ("| model | variant | GFLOPs | " + " | ".join(labels[c] for c in cols)
