@@ -150,7 +150,7 @@ def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str 
     if isinstance(target, tvm.target.Target):
         tgt, text = target, json.dumps(_target_dict(target))
     else:
-        spec = parsed_target or parse_target(str(target))
+        spec = parsed_target or parse_target(target)
         if spec.kind not in ("llvm", "cuda"):
             raise UsageError(f"target {spec}: the TVM backend builds for llvm or cuda")
         tgt, text = tvm_lower.to_target(spec), str(spec)

@@ -25,7 +25,7 @@ def to_target(spec) -> tvm.target.Target:
     """A prunec ``TargetSpec`` (or text) as a TVM target; ``llvm`` gets a host."""
     from prunec.target import TargetSpec, parse_target
     if not isinstance(spec, TargetSpec):
-        spec = parse_target(str(spec))
+        spec = parse_target(spec)
     d = spec.tvm_dict()
     if d["kind"] == "llvm" and "mcpu" not in d:
         d["mcpu"] = host_cpu()  # plain "llvm" means this machine (TVM's default is baseline x86-64)

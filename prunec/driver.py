@@ -80,7 +80,7 @@ def prepare(model: Any, example_inputs: Sequence | None = None, input_shapes: Se
     return loaded, inputs
 
 
-def compile(model: Any, example_inputs: Sequence | None = None, passes: str = "", target: str = "torch", *,
+def compile(model: Any, example_inputs: Sequence | None = None, passes: str = "", target: str | dict = "torch", *,
             input_shapes: Sequence[str] = (), trust_pickle: bool = False, verify_each: bool = True,
             instrumentations: Sequence[Instrumentation] = (), dump_dir: str | None = None,
             in_place: bool = True, target_options: dict | None = None, tracer: str = "auto") -> CompileResult:
@@ -90,9 +90,7 @@ def compile(model: Any, example_inputs: Sequence | None = None, passes: str = ""
     ``.module_problems`` says why), ``.program`` the ``torch.export`` program,
     ``.report`` the per-pass report, ``.plan`` the pruning plan (if any).  ``tracer``: see
     ``prunec.trace``."""
-    if target not in TARGETS:
-        from .target import parse_target
-        parse_target(target)  # raises a clear error for unknown targets
+    target = _target_text(target)  # raises a clear error for unknown targets
     loaded, inputs = prepare(model, example_inputs, input_shapes, trust_pickle)
     graph = trace(loaded.module if loaded.module is not None else loaded.program, inputs, tracer=tracer)
     return compile_graph(graph, inputs, passes, target, module=loaded.module if in_place else None,
@@ -100,12 +98,21 @@ def compile(model: Any, example_inputs: Sequence | None = None, passes: str = ""
                          dump_dir=dump_dir, target_options=target_options)
 
 
-def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str = "torch", *,
+def _target_text(target) -> str:
+    """``target`` (text, dict or TargetSpec) as the text the report and backends carry."""
+    if isinstance(target, str) and target in TARGETS:
+        return target
+    from .target import parse_target
+    return str(parse_target(target))
+
+
+def compile_graph(graph: Graph, inputs: tuple, passes: str = "", target: str | dict = "torch", *,
                   module: torch.nn.Module | None = None, source: str = "graph", verify_each: bool = True,
                   instrumentations: Sequence[Instrumentation] = (), dump_dir: str | None = None,
                   target_options: dict | None = None) -> CompileResult:
     from prunec.backends import torch_backend
     from .artifact import layer_sizes, layers_report
+    target = _target_text(target)
     before = compute_cost(graph)
     before_layers = layer_sizes(graph)
     insts = list(instrumentations)

@@ -23,7 +23,16 @@ class TargetSpec:
         return self.kind if not self.attrs else json.dumps(self.tvm_dict(), sort_keys=True)
 
 
-def parse_target(text: str, mcpu: str | None = None) -> TargetSpec:
+def parse_target(text, mcpu: str | None = None) -> TargetSpec:
+    """``text``: a name (``llvm``), ``'llvm -mcpu=NAME'``, a TVM target as JSON text, a
+    dict of the same, or a ``TargetSpec``."""
+    if isinstance(text, TargetSpec):
+        text = text.tvm_dict()
+    if isinstance(text, dict):
+        text = json.dumps(text)
+    if text is not None and not isinstance(text, str):
+        raise UsageError(f"--target {text!r}: give a name, a JSON dict or a dict, "
+                         f"not a {type(text).__name__}")
     text = (text or "").strip()
     if text.startswith("{"):
         try:

@@ -175,6 +175,26 @@ def test_target_forms():
         parse_target("vulkan")
     with pytest.raises(UsageError, match="TVM rejects"):
         to_target(parse_target('{"kind": "llvm", "no_such_attr": 1}'))
+    assert parse_target({"kind": "llvm", "mcpu": "znver3"}).attrs == {"mcpu": "znver3"}
+    assert str(parse_target(parse_target("llvm -mcpu=znver3"))) == '{"kind": "llvm", "mcpu": "znver3"}'
+    with pytest.raises(UsageError, match="a JSON target needs"):
+        parse_target({"kind": "vulkan"})
+    with pytest.raises(UsageError, match="not a int"):
+        parse_target(3)
+
+
+def test_compile_takes_a_target_dict():
+    """The Python API takes the TVM dict form as the CLI takes its JSON text."""
+    import numpy as np
+
+    import prunec
+    torch.manual_seed(0)
+    model, x = SmallCNN().eval(), torch.randn(1, 3, 32, 32)
+    res = prunec.compile(model, (x,), target={"kind": "llvm", "mcpu": "x86-64"}, in_place=False)
+    assert res.report["target"] == '{"kind": "llvm", "mcpu": "x86-64"}'
+    assert str(res.artifact.target.attrs["mcpu"]) == "x86-64"
+    got, ref = res.artifact.load()(x), model(x).detach()
+    assert np.abs(np.asarray(got) - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
 
 
 @pytest.mark.skipif(not has_cuda(), reason="no CUDA GPU on this machine (tvm.cuda(0).exist is False)")
