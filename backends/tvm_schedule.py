@@ -30,7 +30,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, plane_vectors
+from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, plane_vectors, strided_read
 from .tvm_schedule_layout import reads_using as _reads_using
 from .tvm_schedule_layout import vars_in as _vars_in
 from .tvm_schedule_rows import RowReduction
@@ -138,7 +138,11 @@ class RegisterTiledReduction(dl.ScheduleRule):
             return None
         # an unpadded convolution's "padding" stage is a plain copy of its input: an extra pass over
         # memory (and a parallel launch) that scales with the input, not with the FLOPs
-        pro = [blk for blk in pro if not inline_copy(sch, blk)]
+        # ... except for a strided read: the copy is then stored phase-split (deinterleave_strided)
+        # so the vectors read contiguous lanes, not a gather (ResNet-50's stride-2 1x1s: 1.3-2x)
+        vlast = [iv.var for iv in b.iter_vars if iv.iter_type == _DATA_PAR][-1:]
+        pro = [blk for blk in pro if (vlast and strided_read(b, sch.get(blk), vlast[0]))
+               or not inline_copy(sch, blk)]
         b = sch.get(main)
         if len(b.reads) == 1 and pro:
             # a window reduction (pooling) reads each padded value about once: reading the input
@@ -323,11 +327,45 @@ class RegisterTiledReduction(dl.ScheduleRule):
             r = ext[raxis]
         elif raxis is not None and r * 2 <= self.reg and ext[raxis] > self.reg:
             r = self.reg  # ragged (197 tokens is prime): a guarded tail tile beats no register tile
-        _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r)
+        _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r,
+                       columns_first=_columns_first(sch.get(main), ext, spatial, vaxis, raxis, v, r))
+
+
+_CACHE_BYTES = 1 << 20  # what stays cached between tiles: about half a core's L2 (1 MB on Zen 4/5, 2 MB on Xeon)
+
+
+def _columns_first(b, ext, spatial, vaxis, raxis, v, r) -> bool:
+    """Whether the parallel tiles should walk all row tiles (output channels) of one column tile
+    before the next column tile, instead of the other way round.
+
+    Rows first re-reads the input (the vector operand) once per row tile, columns first re-reads
+    the weights once per column tile; a re-read is cheap while the operand stays cached.  Pick the
+    order that moves fewer bytes from beyond the cache: ResNet-50's 256->64 1x1 at 56x56 (a
+    3.2 MB input read eight times) ran at 37 GF/s rows first, 69 GF/s columns first."""
+    if raxis is None or r >= ext[raxis]:
+        return False
+    vec_reads = _reads_using(b, b.iter_vars[vaxis].var.name)
+    rvar = b.iter_vars[raxis].var.name
+    other = [x for x in b.reads if rvar in set().union(*(_vars_in(rg.min) for rg in x.region))]
+    if len(vec_reads) != 1 or len(other) != 1:
+        return False
+    x, w = _numel(vec_reads[0]), _numel(other[0])
+    if x is None or w is None:
+        return False
+    x, w = 4 * x, 4 * w
+    row_tiles = ext[raxis] // r
+    col_tiles = 1
+    for i in spatial:
+        if i != raxis:
+            col_tiles *= ext[i]
+    col_tiles //= v
+    rows_first = w + (x if x <= _CACHE_BYTES else row_tiles * x)
+    cols_first = x + (w if w <= _CACHE_BYTES else col_tiles * w)
+    return cols_first < rows_first
 
 
 def _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r, serial_columns=False,
-                   unroll_window=False) -> None:
+                   unroll_window=False, columns_first=False) -> None:
     """Tile the output into ``r`` (along ``raxis``) x ``v`` (vector lanes along ``vaxis``) accumulators
     kept over the whole reduction, outer tiles in parallel; the accumulator is written back (with the
     inlined epilogue) per tile, or with ``serial_columns`` per column tile inside a parallel row."""
@@ -343,6 +381,9 @@ def _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r,
             inner.append(ri)
         else:
             outer.append(loops[i])
+    if columns_first and raxis is not None and r > 1:
+        outer.remove(ro)
+        outer.append(ro)
     red_loops = [loops[i] for i in reduce]
     sch.reorder(*outer, *([vo] if serial_columns else []), *red_loops, *inner, vi)
     par = sch.fuse(*outer) if len(outer) > 1 else outer[0]

@@ -43,6 +43,18 @@ def inline_copy(sch, blk) -> bool:
     return True
 
 
+def strided_read(main, producer, vvar) -> bool:
+    """``main`` reads ``producer``'s output with a stride of 2 or more along ``vvar``."""
+    if len(producer.writes) != 1:
+        return False
+    for r in main.reads:
+        if r.source.same_as(producer.writes[0].source) and len(r.region) >= 2:
+            coef = sym.detect_linear_equation(r.region[-1].min, [vvar])
+            if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) and int(coef[0]) >= 2:
+                return True
+    return False
+
+
 def deinterleave_strided(sch, main, pro, vvar) -> None:
     """A stride-``s`` convolution reads its padded input at ``s * x + r`` along the vector axis: a
     gather per vector.  Store the padding stage phase-split, ``(w % s, w // s)``, so each tap reads
