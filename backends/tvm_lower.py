@@ -212,6 +212,9 @@ def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, f
     if target.kind.name == "llvm" and fast_math:
         passes.append(fast_activations)
     passes.append(tvm_sparse.SparseDenseRewrite(target, **(sparse or {})))
+    if target.kind.name == "llvm":
+        from .tvm_pointwise import PointwiseAsMatmul
+        passes.append(PointwiseAsMatmul(target))  # after the sparse choice: a sparse 1x1 stays sparse
     return passes
 
 

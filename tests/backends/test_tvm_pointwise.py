@@ -1,0 +1,114 @@
+"""prunec.PointwiseAsMatmul (backends/tvm_pointwise.py): which 1x1 convolutions become matmuls,
+the IR it leaves, and the built model against torch."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+
+from prunec.backends.tvm_pointwise import PointwiseAsMatmul  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tvm_helpers import build_and_compare  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+
+
+def _conv_module(ci: int, co: int, hw: int, stride: int = 1, groups: int = 1, k: int = 1):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, ci, hw, hw), "float32"))
+    w = relax.const(torch.randn(co, ci // groups, k, k).numpy())
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.conv2d(x, w, strides=stride, groups=groups))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _ops(mod) -> list[str]:
+    names = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: names.append(e.op.name) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) else None)
+    return names
+
+
+def test_a_7x7_pointwise_convolution_becomes_a_matmul():
+    before = _conv_module(64, 128, 7)
+    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
+    after = rewrite(before)
+    assert rewrite.count == 1
+
+    w = before["main"].body.blocks[0].bindings[0].value.args[1].value.numpy().reshape(128, 64)
+
+    @tvm.script.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 64, 7, 7), "float32")) -> R.Tensor((1, 128, 7, 7), "float32"):
+            with R.dataflow():
+                y = R.reshape(R.matmul(R.const(w), R.reshape(x, R.shape([1, 64, 49]))), R.shape([1, 128, 7, 7]))
+                R.output(y)
+            return y
+
+    tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
+
+
+@pytest.mark.parametrize("args,why", [
+    ((64, 128, 28), "a 784-element plane is whole 16-lane vectors: the convolution schedule"),
+    ((16, 16, 14), "a 14x14 plane with few weights: the fused convolution wins"),
+    ((64, 128, 14, 2), "strided"),
+    ((64, 64, 7, 1, 64), "depthwise"),
+    ((64, 128, 7, 1, 1, 3), "a 3x3 window"),
+])
+def test_other_convolutions_are_left_alone(args, why):
+    before = _conv_module(*args)
+    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
+    after = rewrite(before)
+    assert rewrite.count == 0, why
+    assert "relax.matmul" not in _ops(after) and "relax.nn.conv2d" in _ops(after), why
+
+
+def test_the_pass_is_a_no_op_for_cuda():
+    before = _conv_module(64, 128, 7)
+    after = PointwiseAsMatmul(tvm.target.Target("cuda"))(before)
+    tvm.ir.assert_structural_equal(after, before)
+
+
+class SmallPlanes(nn.Module):
+    """The tail of a ResNet bottleneck at 7x7: 1x1 down, 3x3, 1x1 up, residual, pooling head."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(96, 32, 1)
+        self.bn = nn.BatchNorm2d(32)
+        self.mid = nn.Conv2d(32, 32, 3, padding=1)
+        self.up = nn.Conv2d(32, 96, 1)
+        self.fc = nn.Linear(96, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.down(x)))
+        y = self.up(torch.relu(self.mid(y))) + x
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("passes", ["", "fold-bn,prune-channels{ratio=0.5},dce"])
+def test_built_model_matches_torch(passes):
+    torch.manual_seed(0)
+    model = SmallPlanes().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    result = build_and_compare(model, (torch.randn(1, 96, 7, 7),), passes=passes)
+    kernels = set(re.findall(r"\b(?:fused_)?[a-z0-9_]*(?:conv2d|matmul)[a-z0-9_]*", result.artifact.executable.as_text()))
+    # with AVX2 (8 lanes) or AVX-512 (16), 49 pixels are ragged: both 1x1s are matmuls, the 3x3 is not
+    assert len([k for k in kernels if "conv2d" in k]) == 1, kernels
