@@ -112,3 +112,15 @@ def test_built_model_matches_torch(passes):
     kernels = set(re.findall(r"\b(?:fused_)?[a-z0-9_]*(?:conv2d|matmul)[a-z0-9_]*", result.artifact.executable.as_text()))
     # with AVX2 (8 lanes) or AVX-512 (16), 49 pixels are ragged: both 1x1s are matmuls, the 3x3 is not
     assert len([k for k in kernels if "conv2d" in k]) == 1, kernels
+
+
+def test_with_a_sparse_layer_in_the_same_module():
+    """A zero-initialized head (ViT-B/16's) becomes a sparse call_tir first; the rewrite must leave
+    that binding as it is (re-canonicalizing the bindings broke FuseTIR on ViT-B/16)."""
+    torch.manual_seed(0)
+    model = SmallPlanes().eval()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    result = build_and_compare(model, (torch.randn(1, 96, 7, 7),), sparse={"mode": "sparse"})
+    choices = {layer["layer"]: layer["choice"] for layer in result.artifact.sparse_report}
+    assert choices == {"down.weight": "dense", "up.weight": "dense", "fc.weight": "sparse"}, choices
