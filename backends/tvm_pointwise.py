@@ -14,18 +14,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .tvm_sparse import _static_shape
+
 _MAX_PLANE = 256  # small planes only: a large one pays the extra element-wise pass at full size
 _MIN_WEIGHTS = 1 << 16  # beyond 7x7, only layers with this many weights (192->48 at 14x14 ran 0.8x)
-
-
-def _static(expr) -> list[int] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return [int(d) for d in ty.shape]
-    except (TypeError, ValueError):
-        return None
 
 
 def _as_matmul(call, lanes: int):
@@ -39,7 +31,7 @@ def _as_matmul(call, lanes: int):
     if [int(s) for s in a.strides] != [1, 1] or any(int(p) for p in a.padding):
         return None
     x, w = call.args
-    xs, ws = _static(x), _static(w)
+    xs, ws = _static_shape(x), _static_shape(w)
     if xs is None or ws is None or len(xs) != 4 or ws[2:] != [1, 1]:
         return None
     dtype = str(x.ty.dtype)
