@@ -9,7 +9,8 @@ fused kernel, with dlight's CPU rules as fallbacks:
   use, e.g. output channels of a convolution or rows of a matmul, times
   ``vec`` lanes of the innermost output axis), accumulated in a local buffer
   over the whole reduction, with the fused epilogue (bias, batch norm, ReLU,
-  SiLU, residual add) applied when the tile is stored.  Outer tiles run in parallel.
+  SiLU, residual add) applied when the tile is stored.  Outer tiles run in parallel, output
+  channels or columns outermost, whichever re-reads fewer bytes from beyond the cache.
   A matmul (one reduction axis, the vector operand indexed by plain loop variables) is tiled as
   a GEMM instead: parallel strips of ``2 x vec`` columns, each packing its operand slice
   contiguously and sweeping all rows in ``gemm_rows`` x ``2 x vec`` register tiles; ragged
@@ -353,7 +354,8 @@ def _columns_first(b, ext, spatial, vaxis, raxis, v, r) -> bool:
     x, w = _numel(vec_reads[0]), _numel(other[0])
     if x is None or w is None:
         return False
-    x, w = 4 * x, 4 * w
+    x *= tvm.DataType(str(vec_reads[0].source.dtype)).bits // 8
+    w *= tvm.DataType(str(other[0].source.dtype)).bits // 8
     row_tiles = ext[raxis] // r
     col_tiles = 1
     for i in spatial:
