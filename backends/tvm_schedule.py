@@ -348,7 +348,7 @@ def _columns_first(b, ext, spatial, vaxis, raxis, v, r) -> bool:
         return False
     vec_reads = _reads_using(b, b.iter_vars[vaxis].var.name)
     rvar = b.iter_vars[raxis].var.name
-    other = [x for x in b.reads if rvar in set().union(*(_vars_in(rg.min) for rg in x.region))]
+    other = _reads_using(b, rvar)
     if len(vec_reads) != 1 or len(other) != 1:
         return False
     x, w = _numel(vec_reads[0]), _numel(other[0])

@@ -43,16 +43,18 @@ def inline_copy(sch, blk) -> bool:
     return True
 
 
+def _read_stride(region, vvar) -> int:
+    """The stride of a read region's innermost index along ``vvar`` (1 when not a constant)."""
+    coef = sym.detect_linear_equation(region.region[-1].min, [vvar])
+    return int(coef[0]) if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) else 1
+
+
 def strided_read(main, producer, vvar) -> bool:
     """``main`` reads ``producer``'s output with a stride of 2 or more along ``vvar``."""
     if len(producer.writes) != 1:
         return False
-    for r in main.reads:
-        if r.source.same_as(producer.writes[0].source) and len(r.region) >= 2:
-            coef = sym.detect_linear_equation(r.region[-1].min, [vvar])
-            if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) and int(coef[0]) >= 2:
-                return True
-    return False
+    return any(r.source.same_as(producer.writes[0].source) and len(r.region) >= 2
+               and _read_stride(r, vvar) >= 2 for r in main.reads)
 
 
 def deinterleave_strided(sch, main, pro, vvar) -> None:
@@ -66,8 +68,7 @@ def deinterleave_strided(sch, main, pro, vvar) -> None:
         pad = producer.get(r.source)
         if pad is None or len(r.region) < 2:
             continue
-        coef = sym.detect_linear_equation(r.region[-1].min, [vvar])
-        stride = int(coef[0]) if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) else 1
+        stride = _read_stride(r, vvar)
         width = r.source.shape[-1]
         if stride < 2 or not isinstance(width, tirx.IntImm) or int(width) % stride:
             continue
