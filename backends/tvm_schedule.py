@@ -31,6 +31,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from .tvm_schedule_gemv import gemv_operand, tile_gemv
 from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, plane_vectors, strided_read
 from .tvm_schedule_layout import reads_using as _reads_using
 from .tvm_schedule_layout import vars_in as _vars_in
@@ -169,6 +170,12 @@ class RegisterTiledReduction(dl.ScheduleRule):
             if b.iter_vars[i].var.name not in used and ext[i] > 1:
                 raxis = i
                 break
+        if raxis is None and gemv_operand(b, ext, spatial, reduce, vaxis, vec_reads):
+            # a one-row product (a classifier head): the reduction is split over the threads
+            tile_gemv(sch, main, epi, ext, spatial, reduce, vaxis, self.vec, self.threads)
+            for blk in pro:
+                _parallel_vectorize(sch, blk, self.threads)
+            return sch
         # 0. a matmul gets the GEMM tiling (its vector operand is packed per column strip)
         gemm = self._packable_operand(b, spatial, reduce, raxis, vec_reads)
         width, padded = 2 * self.vec, False
@@ -219,6 +226,9 @@ class RegisterTiledReduction(dl.ScheduleRule):
         if gemm is not None:
             self._tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm)
         elif raxis is None and len(b.reads) >= 2 and len(spatial) >= 2 and cache is not None:
+            # a stride-2 depthwise convolution reads its padded input phase-split too (MobileNetV2's
+            # 96-channel one at 112x112: 1.55x; the pad stage then does the strided read, once)
+            deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
             if self._tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis):
                 # whole channels per task: pad each channel inside its task, in cache, instead of
                 # in a separate parallel pass over all of them

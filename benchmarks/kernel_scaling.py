@@ -25,11 +25,12 @@ import torch
 
 
 def _flops(shapes: list[tuple]) -> float:
-    """2 x MACs of a conv (x, w, ..., out) or matmul (x, w[K, N], ..., out) kernel; 0 for others."""
+    """2 x MACs of a conv (x, w, ..., out) or matmul (a[.., K], b[.., K, N], ..., out) kernel; 0 for
+    others.  PointwiseAsMatmul's products are ``W[Co, Ci] @ x[1, Ci, HW]``."""
     if len(shapes) >= 3 and len(shapes[1]) == 4:
         return 2.0 * np.prod(shapes[-1]) * np.prod(shapes[1][1:])
-    if len(shapes) >= 3 and len(shapes[1]) == 2:
-        return 2.0 * np.prod(shapes[-1]) * shapes[1][0]
+    if len(shapes) >= 3 and len(shapes[1]) in (2, 3) and len(shapes[0]) >= 2 and shapes[0][-1] == shapes[1][-2]:
+        return 2.0 * np.prod(shapes[-1]) * shapes[0][-1]
     return 0.0
 
 
@@ -54,7 +55,7 @@ def _kernel_times(vm, x) -> list[tuple[str, float, tuple]]:
     def instrument(_func, name, before, _ret, *args):
         if before:
             start[0] = time.perf_counter()
-        elif name.startswith("fused") or name in ("mean", "max_pool2d", "adaptive_avg_pool2d"):
+        elif not name.startswith("vm.builtin."):  # a kernel (fused or not), not the VM's own bookkeeping
             calls.append((name, time.perf_counter() - start[0],
                           tuple(tuple(int(s) for s in a.shape) for a in args if hasattr(a, "shape"))))
         return 0
