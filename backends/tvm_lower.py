@@ -213,8 +213,11 @@ def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, f
         passes.append(fast_activations)
     passes.append(tvm_sparse.SparseDenseRewrite(target, **(sparse or {})))
     if target.kind.name == "llvm":
+        from .tvm_fuse_expand import FuseExpandDepthwise
         from .tvm_pointwise import PointwiseAsMatmul
-        passes.append(PointwiseAsMatmul(target))  # after the sparse choice: a sparse 1x1 stays sparse
+        # after the sparse choice: a sparse 1x1 stays sparse
+        passes.append(FuseExpandDepthwise(target))  # before PointwiseAsMatmul takes the small planes' 1x1s
+        passes.append(PointwiseAsMatmul(target))
     return passes
 
 

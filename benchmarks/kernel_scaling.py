@@ -26,7 +26,12 @@ import torch
 
 def _flops(shapes: list[tuple]) -> float:
     """2 x MACs of a conv (x, w, ..., out) or matmul (a[.., K], b[.., K, N], ..., out) kernel; 0 for
-    others.  PointwiseAsMatmul's products are ``W[Co, Ci] @ x[1, Ci, HW]``."""
+    others.  PointwiseAsMatmul's products are ``W[Co, Ci] @ x[1, Ci, HW]``; FuseExpandDepthwise's
+    kernels take ``(x[N, Ci, HW], w1[C, Ci, 1, 1], w2[C, 1, k, k], ..., out)``."""
+    if len(shapes) >= 4 and len(shapes[0]) == 3 and len(shapes[1]) == 4 and len(shapes[2]) == 4 \
+            and shapes[2][1] == 1:
+        n, ci, hw = shapes[0]
+        return 2.0 * n * shapes[1][0] * ci * hw + 2.0 * np.prod(shapes[-1]) * shapes[2][2] * shapes[2][3]
     if len(shapes) >= 3 and len(shapes[1]) == 4:
         return 2.0 * np.prod(shapes[-1]) * np.prod(shapes[1][1:])
     if len(shapes) >= 3 and len(shapes[1]) in (2, 3) and len(shapes[0]) >= 2 and shapes[0][-1] == shapes[1][-2]:
