@@ -143,18 +143,13 @@ def fused_kernel(n, ci, c, h, w, k, stride, chain1, chain2):
     return te.create_prim_func([x, w1, w2, *bufs, out]), consts
 
 
-def _vector(width: int, lanes: int) -> int:
-    from .tvm_schedule import _largest_divisor
-    return next((d for d in (2 * lanes, lanes) if width % d == 0), None) or _largest_divisor(width, 2 * lanes)
-
-
 def schedule_fused(func, lanes: int):
     """Per task: ``_CHANNELS_PER_TASK`` channels.  The 1x1 output plane is computed in register
     tiles (the channels x one or two vectors, over the input channels), written to a task-local
     buffer, padded through the chain (phase-split for stride 2, so the window reads contiguous
     lanes), then the depthwise window runs in row x vector register tiles, as in the separate
     depthwise schedule."""
-    from .tvm_schedule import _largest_divisor
+    from .tvm_schedule import _largest_divisor, row_vector
     from .tvm_schedule_layout import deinterleave_strided
     sch = s_tir.Schedule(func)
     expand, pad, dw, out = (sch.get_sblock(nm) for nm in ("expand", "expand_pad", "depthwise", "out"))
@@ -170,7 +165,7 @@ def schedule_fused(func, lanes: int):
     while g > 1 and g * plane * 4 > _TASK_BYTES:
         g //= 2
     g = _largest_divisor(ch, g)
-    v = _vector(wo, lanes)
+    v = row_vector(wo, lanes)
     r = 4 if v <= lanes else 2
     r = r if ho % r == 0 else 2 if ho % 2 == 0 else 1
     co, cc = sch.split(c, [None, g])
@@ -196,7 +191,7 @@ def schedule_fused(func, lanes: int):
     loops = sch.get_loops(expand)
     pc = loops[-3] if len(loops) >= 4 else None  # one channel per task: no channel loop
     pcol, prc = loops[-2:]
-    pv = _vector(int(sch.get(pcol).extent), lanes)
+    pv = row_vector(int(sch.get(pcol).extent), lanes)
     pco, pci = sch.split(pcol, [None, pv])
     sch.reorder(pco, prc, *([pc] if pc is not None else []), pci)
     pacc = sch.cache_write(expand, 0, "local")
