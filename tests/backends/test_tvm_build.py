@@ -142,7 +142,9 @@ def test_silu_and_squeeze_excite_epilogues():
     build_and_compare(model, (torch.randn(1, 3, 16, 16),))
 
 
-_ZOO = ["mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+# mnasnet (5x5 depthwise) and shufflenet (no activation after the depthwise) cover more of
+# FuseExpandDepthwise's blocks than MobileNetV2
+_ZOO = ["mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16", "mnasnet0_5", "shufflenet_v2_x0_5"]
 
 
 @pytest.mark.zoo
