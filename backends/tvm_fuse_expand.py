@@ -21,6 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te
 
+from .tvm_pointwise import CpuRewrite
 from .tvm_sparse import _static_shape
 
 _Constant = tvm.ir.expr.Constant  # relax.const(...) builds one
@@ -312,27 +313,19 @@ def _find(func, lanes) -> dict:
 
 
 @tvm.transform.module_pass(opt_level=0, name="prunec.FuseExpandDepthwise")
-class FuseExpandDepthwise:
+class FuseExpandDepthwise(CpuRewrite):
     """Fuse each 1x1 expansion with the depthwise convolution it feeds (CPU targets).
 
     ``lanes``: the fp32 vector width to schedule for (None: the target's)."""
-
-    def __init__(self, target: tvm.target.Target, lanes: int | None = None):
-        from .tvm_schedule import vector_lanes
-        self.target = target
-        self.lanes = lanes or vector_lanes(target)
-        self.count = 0
 
     def transform_module(self, mod, _ctx):
         if self.target.kind.name != "llvm":
             return mod
         rw = _Rewriter(mod, self.lanes)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rw.ends = _find(func, self.lanes)
-                if rw.ends:
-                    rw.builder_.update_func(gv, rw.visit_expr(func))
-        self.count = rw.count
-        if not rw.count:
+
+        def prepare(func):
+            rw.ends = _find(func, self.lanes)
+            return bool(rw.ends)
+        if not self._rewrite(mod, rw, prepare):
             return mod
         return relax.transform.DeadCodeElimination()(rw.builder_.get())

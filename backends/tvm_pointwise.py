@@ -67,11 +67,9 @@ class _Rewriter(relax.PyExprMutator):
         return new
 
 
-@tvm.transform.module_pass(opt_level=0, name="prunec.PointwiseAsMatmul")
-class PointwiseAsMatmul:
-    """Rewrite 1x1 convolutions on small, vector-ragged planes as matmuls (CPU targets).
-
-    ``lanes``: the fp32 vector width the planes are checked against (None: the target's)."""
+class CpuRewrite:
+    """What prunec's CPU-only Relax rewrites share: the target, the fp32 vector width they plan
+    for (``lanes``, None: the target's), and a count of what they rewrote."""
 
     def __init__(self, target: tvm.target.Target, lanes: int | None = None):
         from .tvm_schedule import vector_lanes
@@ -79,14 +77,26 @@ class PointwiseAsMatmul:
         self.lanes = lanes or vector_lanes(target)
         self.count = 0
 
+    def _rewrite(self, mod, rw, prepare=lambda _func: True) -> int:
+        """Visit every Relax function of ``mod`` with mutator ``rw`` (those ``prepare`` accepts)."""
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and prepare(func):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        self.count = rw.count
+        return rw.count
+
+
+@tvm.transform.module_pass(opt_level=0, name="prunec.PointwiseAsMatmul")
+class PointwiseAsMatmul(CpuRewrite):
+    """Rewrite 1x1 convolutions on small, vector-ragged planes as matmuls (CPU targets).
+
+    ``lanes``: the fp32 vector width the planes are checked against (None: the target's)."""
+
     def transform_module(self, mod, _ctx):
         if self.target.kind.name != "llvm":
             return mod
         rw = _Rewriter(mod, self.lanes)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        self.count = rw.count
+        self._rewrite(mod, rw)
         # no CanonicalizeBindings here: after SparseDenseRewrite's call_tir it left ViT-B/16 with one
         # Relax var mapped to two buffers in FuseTIR ("Inconsistent buffers y and lv1")
         return rw.builder_.get() if rw.count else mod

@@ -40,3 +40,12 @@ def has_cuda() -> bool:
         return bool(tvm.cuda(0).exist)
     except Exception:  # noqa: BLE001
         return False
+
+
+def op_names(mod) -> list[str]:
+    """The Relax operators ``mod["main"]`` calls, in post order."""
+    from tvm import ir, relax
+    names = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: names.append(e.op.name) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, ir.Op) else None)
+    return names

@@ -19,7 +19,7 @@ from prunec.backends.tvm_backend import lower  # noqa: E402
 from prunec.backends.tvm_fuse_expand import FuseExpandDepthwise, fused_kernel, schedule_fused  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tvm_helpers import build_and_compare  # noqa: E402
+from _tvm_helpers import build_and_compare, op_names  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -52,13 +52,6 @@ def _block_module(ci=8, c=24, h=32, w=32, k=3, stride=1, n=1, extra_use=False, d
     return bb.get()
 
 
-def _ops(mod) -> list[str]:
-    names = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: names.append(e.op.name) if isinstance(e, relax.Call)
-                                    and isinstance(e.op, tvm.ir.Op) else None)
-    return names
-
-
 def _run(mod, *inputs):
     with _TARGET:
         mod = tvm.transform.Sequential(tvm_lower.legalize_and_fuse())(mod)
@@ -74,8 +67,8 @@ def test_an_expansion_and_its_depthwise_convolution_become_one_kernel():
     after = fuse(before)
     assert fuse.count == 1
     # before: three convolutions; after: the projection only, plus one call_tir of the fused kernel
-    assert _ops(before).count("relax.nn.conv2d") == 3
-    ops = _ops(after)
+    assert op_names(before).count("relax.nn.conv2d") == 3
+    ops = op_names(after)
     assert ops.count("relax.nn.conv2d") == 1 and ops.count("relax.call_tir") == 1, ops
     assert "relax.clip" not in ops and "relax.nn.relu" not in ops and "relax.add" not in ops, ops
     kernels = [gv.name_hint for gv, f in after.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]

@@ -18,7 +18,7 @@ from tvm.script import relax as R  # noqa: E402
 from prunec.backends.tvm_pointwise import PointwiseAsMatmul  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tvm_helpers import build_and_compare  # noqa: E402
+from _tvm_helpers import build_and_compare, op_names  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -34,13 +34,6 @@ def _conv_module(ci: int, co: int, hw: int, stride: int = 1, groups: int = 1, k:
             y = bb.emit_output(relax.op.nn.conv2d(x, w, strides=stride, groups=groups))
         bb.emit_func_output(y)
     return bb.get()
-
-
-def _ops(mod) -> list[str]:
-    names = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: names.append(e.op.name) if isinstance(e, relax.Call)
-                                    and isinstance(e.op, tvm.ir.Op) else None)
-    return names
 
 
 def test_a_7x7_pointwise_convolution_becomes_a_matmul():
@@ -75,7 +68,7 @@ def test_other_convolutions_are_left_alone(args, why):
     rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
     after = rewrite(before)
     assert rewrite.count == 0, why
-    assert "relax.matmul" not in _ops(after) and "relax.nn.conv2d" in _ops(after), why
+    assert "relax.matmul" not in op_names(after) and "relax.nn.conv2d" in op_names(after), why
 
 
 def test_the_pass_is_a_no_op_for_cuda():
