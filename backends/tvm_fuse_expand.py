@@ -17,6 +17,8 @@ tensor never reaches memory.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te
@@ -79,7 +81,9 @@ def _conv(call, depthwise: bool):
     xs, ws = _static_shape(x), _static_shape(w)
     if xs is None or ws is None or len(xs) != 4 or not isinstance(w, _Constant):
         return None
-    if str(x.ty.dtype) != "float32" or str(w.value.dtype) != "float32" or str(a.out_dtype) not in ("", "void", "None", "float32"):
+    if str(x.ty.dtype) != "float32" or str(w.value.dtype) != "float32":
+        return None
+    if str(a.out_dtype) not in ("", "void", "None", "float32"):  # unset prints as "None" or "void"
         return None
     if any(int(d) != 1 for d in a.dilation):
         return None
@@ -209,44 +213,47 @@ def schedule_fused(func, lanes: int):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
 
 
-class _Match:
-    def __init__(self, x, w1, w2, conv, chain1, chain2, shape):
-        self.x, self.w1, self.w2, self.conv = x, w1, w2, conv
-        self.chain1, self.chain2, self.shape = chain1, chain2, shape
+class _Match(NamedTuple):
+    x: relax.Expr
+    w1: relax.Expr
+    w2: relax.Expr
+    conv: dict
+    chain1: list
+    chain2: list
+    shape: tuple
 
 
-def _match(end, defs, uses, lanes):
-    """The block ending at binding var ``end``, or None."""
-    chain2 = []
-    e = defs.get(end)
+def _chain_back(var, defs, uses):
+    """Walk back from ``var``'s binding through single-use element-wise steps to the convolution
+    that starts them: (the steps in order, that convolution's call), or None."""
+    chain, e = [], defs.get(var)
     while e is not None and _op(e) != "relax.nn.conv2d":
         xs = _static_shape(e)
         s = _step(e, xs[1]) if xs is not None and len(xs) == 4 else None
         prev = e.args[0] if e.args else None
         if s is None or not isinstance(prev, relax.Var) or uses.get(prev) != 1:
             return None
-        chain2.insert(0, s)
+        chain.insert(0, s)
         e = defs.get(prev)
-    conv = _conv(e, depthwise=True) if e is not None else None
-    if conv is None or not isinstance(e.args[0], relax.Var) or uses.get(e.args[0]) != 1:
+    return None if e is None else (chain, e)
+
+
+def _match(end, defs, uses):
+    """The block ending at binding var ``end``, or None."""
+    back = _chain_back(end, defs, uses)
+    conv = _conv(back[1], depthwise=True) if back is not None else None
+    if conv is None or not isinstance(back[1].args[0], relax.Var) or uses.get(back[1].args[0]) != 1:
         return None
-    dw = e
-    chain1 = []
-    e = defs.get(dw.args[0])
-    while e is not None and _op(e) != "relax.nn.conv2d":
-        s = _step(e, _static_shape(e)[1])
-        prev = e.args[0] if e.args else None
-        if s is None or not isinstance(prev, relax.Var) or uses.get(prev) != 1:
-            return None
-        chain1.insert(0, s)
-        e = defs.get(prev)
-    if e is None or _conv(e, depthwise=False) is None:
+    chain2, dw = back
+    back = _chain_back(dw.args[0], defs, uses)
+    if back is None or _conv(back[1], depthwise=False) is None:
         return None
-    xs = _static_shape(e.args[0])
+    chain1, pw = back
+    xs = _static_shape(pw.args[0])
     if xs[3] < _MIN_WIDTH or (xs[3] // conv["stride"]) < _MIN_WIDTH // 2:
         return None
-    c = _static_shape(e.args[1])[0]
-    return _Match(e.args[0], e.args[1], dw.args[1], conv, chain1, chain2, (*xs, c))
+    c = _static_shape(pw.args[1])[0]
+    return _Match(pw.args[0], pw.args[1], dw.args[1], conv, chain1, chain2, (*xs, c))
 
 
 @relax.expr_functor.mutator
@@ -272,7 +279,7 @@ class _Rewriter(relax.PyExprMutator):
         self.set_var_remap(binding.var, self.builder_.emit(call))
 
 
-def _find(func, lanes) -> dict:
+def _find(func) -> dict:
     defs, uses, users = {}, {}, {}
 
     def count(expr, user):
@@ -300,13 +307,13 @@ def _find(func, lanes) -> dict:
     count(body.body, None)
     ends = {}
     for var in defs:
-        m = _match(var, defs, uses, lanes)
+        m = _match(var, defs, uses)
         if m is None:
             continue
         # only the longest chain: skip an end whose single user extends it
         nxt = users.get(var, [])
         if len(nxt) == 1 and nxt[0] is not None and nxt[0] in defs and \
-                _match(nxt[0], defs, uses, lanes) is not None:
+                _match(nxt[0], defs, uses) is not None:
             continue
         ends[var] = m
     return ends
@@ -324,7 +331,7 @@ class FuseExpandDepthwise(CpuRewrite):
         rw = _Rewriter(mod, self.lanes)
 
         def prepare(func):
-            rw.ends = _find(func, self.lanes)
+            rw.ends = _find(func)
             return bool(rw.ends)
         if not self._rewrite(mod, rw, prepare):
             return mod
