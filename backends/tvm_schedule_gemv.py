@@ -43,7 +43,8 @@ def _lanes(n: int, vec: int) -> int:
 
 def tile_gemv(sch, main, epi, ext, spatial, reduce, vaxis, vec: int, threads: int) -> None:
     """Split the reduction into ``4 x threads`` contiguous bands computed in parallel (a few bands
-    per thread even out a slow core), then sum the bands and apply the epilogue, vectorized."""
+    per thread even out a slow core; ``threads``: the target's cores), then sum the bands and apply
+    the epilogue, vectorized."""
     k, n = ext[reduce[0]], ext[vaxis]
     parts = 4 * threads
     parts = next((p for p in range(parts, threads - 1, -1) if k % p == 0), parts)

@@ -95,6 +95,17 @@ def test_one_row_matmul_splits_the_reduction(k, n):
     np.testing.assert_allclose(out.numpy(), np.matmul(x, w) + bias, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("cores,bands", [(2, 8), (16, 64)])
+def test_one_row_matmul_takes_four_bands_per_core(cores, bands):
+    """The bands follow the target's ``num-cores`` (a few per core even out a slow one)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": cores})
+    with target:
+        sch = tvm_schedule.RegisterTiledReduction(vec=16).apply(_matmul_bias(1, 1, 1280, 1000, False), target, False)
+    s = s_tir.Schedule(sch.mod["main"])
+    band = s.get(s.get_loops(s.get_child_blocks(s.get_sblock("root"))[0])[0])
+    assert band.kind == tirx.ForKind.PARALLEL and int(band.extent) == bands
+
+
 def test_gemm_columns_that_split_into_no_whole_vectors_are_padded():
     """80 or 48 columns (pruned layers) split into strips of 20 or 24 lanes, which LLVM runs as a
     vector and a masked remainder: padded to whole strips instead (a 480->80 pointwise layer as a
