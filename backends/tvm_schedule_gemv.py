@@ -69,5 +69,7 @@ def tile_gemv(sch, main, epi, ext, spatial, reduce, vaxis, vec: int, threads: in
     sch.vectorize(jv)
     for blk in epi:
         eloops = sch.get_loops(blk)
-        _, ev = sch.split(eloops[-1], [None, lanes])
-        sch.vectorize(ev)
+        if eloops and int(sch.get(eloops[-1]).extent) % lanes == 0:
+            _, ev = sch.split(eloops[-1], [None, lanes])
+            sch.vectorize(ev)
+        # else an epilogue of another shape (a reshape): its loops are left to LLVM

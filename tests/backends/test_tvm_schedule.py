@@ -95,6 +95,24 @@ def test_one_row_matmul_splits_the_reduction(k, n):
     np.testing.assert_allclose(out.numpy(), np.matmul(x, w) + bias, rtol=1e-5, atol=1e-4)
 
 
+class _HeadThenReshape(nn.Module):
+    """A batch-1 linear layer whose epilogue changes shape (its loops are not the product's)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.fc = nn.Linear(640, n)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return torch.relu(y.reshape(1, 10, -1)) * 2 if y.shape[-1] % 10 == 0 else nn.functional.gelu(y)
+
+
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_one_row_linear_models_match_torch(n):
+    torch.manual_seed(0)
+    build_and_compare(_HeadThenReshape(n), (torch.randn(1, 640),))
+
+
 @pytest.mark.parametrize("cores,bands", [(2, 8), (16, 64)])
 def test_one_row_matmul_takes_four_bands_per_core(cores, bands):
     """The bands follow the target's ``num-cores`` (a few per core even out a slow one)."""
