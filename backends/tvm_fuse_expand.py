@@ -305,18 +305,10 @@ def _find(func) -> dict:
             else:
                 count(bnd.value, bnd.var)
     count(body.body, None)
-    ends = {}
-    for var in defs:
-        m = _match(var, defs, uses)
-        if m is None:
-            continue
-        # only the longest chain: skip an end whose single user extends it
-        nxt = users.get(var, [])
-        if len(nxt) == 1 and nxt[0] is not None and nxt[0] in defs and \
-                _match(nxt[0], defs, uses) is not None:
-            continue
-        ends[var] = m
-    return ends
+    matches = {var: m for var in defs if (m := _match(var, defs, uses)) is not None}
+    # only the longest chain: skip an end whose single user extends it
+    return {var: m for var, m in matches.items()
+            if not (len(users.get(var, [])) == 1 and users[var][0] in matches)}
 
 
 @tvm.transform.module_pass(opt_level=0, name="prunec.FuseExpandDepthwise")

@@ -179,7 +179,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
         if raxis is None and gemv_operand(b, ext, spatial, reduce, vaxis, vec_reads):
             # a one-row product (a classifier head): the reduction is split over the threads
             cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 0
-            tile_gemv(sch, main, epi, ext, spatial, reduce, vaxis, self.vec, max(self.threads, cores))
+            tile_gemv(sch, main, epi, ext, reduce, vaxis, self.vec, max(self.threads, cores))
             for blk in pro:
                 _parallel_vectorize(sch, blk, self.threads)
             return sch

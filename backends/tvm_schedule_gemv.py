@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from tvm import tirx
 
-_DATA_PAR = 0
 _MIN_WEIGHTS = 1 << 15  # below this a parallel launch costs more than the product
 
 
@@ -41,7 +40,7 @@ def _lanes(n: int, vec: int) -> int:
     return vec
 
 
-def tile_gemv(sch, main, epi, ext, spatial, reduce, vaxis, vec: int, threads: int) -> None:
+def tile_gemv(sch, main, epi, ext, reduce, vaxis, vec: int, threads: int) -> None:
     """Split the reduction into ``4 x threads`` contiguous bands computed in parallel (a few bands
     per thread even out a slow core; ``threads``: the target's cores), then sum the bands and apply
     the epilogue, vectorized."""
@@ -56,7 +55,7 @@ def tile_gemv(sch, main, epi, ext, spatial, reduce, vaxis, vec: int, threads: in
     r = reduce[0]
     band, inner = rloops[r], rloops[r + 1]
     jl = rloops[vaxis if vaxis < r else vaxis + 1]
-    rest = [lp for i, lp in enumerate(rloops) if lp not in (band, inner, jl)]
+    rest = [lp for lp in rloops if lp not in (band, inner, jl)]
     sch.reorder(band, *rest, inner, jl)
     sch.parallel(band)
     _, jv = sch.split(jl, [None, lanes])
