@@ -154,11 +154,11 @@ def schedule_fused(func, lanes: int):
     buffer, padded through the chain (phase-split for stride 2, so the window reads contiguous
     lanes), then the depthwise window runs in row x vector register tiles, as in the separate
     depthwise schedule."""
-    from .tvm_schedule import _largest_divisor, row_vector
+    from .tvm_schedule import TILE_SCOPE, _largest_divisor, row_vector
     from .tvm_schedule_layout import deinterleave_strided
     sch = s_tir.Schedule(func)
     expand, pad, dw, out = (sch.get_sblock(nm) for nm in ("expand", "expand_pad", "depthwise", "out"))
-    acc = sch.cache_write(dw, 0, "local")
+    acc = sch.cache_write(dw, 0, TILE_SCOPE)
     sch.reverse_compute_inline(out)
     b, c, y, x, ry, rx = sch.get_loops(dw)
     ho, wo, ch = (int(sch.get(lp).extent) for lp in (y, x, c))
@@ -199,7 +199,7 @@ def schedule_fused(func, lanes: int):
     pv = row_vector(int(sch.get(pcol).extent), lanes)
     pco, pci = sch.split(pcol, [None, pv])
     sch.reorder(pco, prc, *([pc] if pc is not None else []), pci)
-    pacc = sch.cache_write(expand, 0, "local")
+    pacc = sch.cache_write(expand, 0, TILE_SCOPE)
     sch.reverse_compute_at(pacc, pco)
     if pc is not None:
         sch.unroll(pc)

@@ -75,7 +75,7 @@ def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 4})
         for i in T.parallel(nb):
             for mo in range(m // mt):
-                acc = T.alloc_buffer((mt, r), dtype, scope="local")
+                acc = T.alloc_buffer((mt, r), dtype)  # "global": on the stack (see TILE_SCOPE)
                 for mi in T.unroll(mt):
                     for rr in T.vectorized(r):
                         acc[mi, rr] = T.cast(0, dtype)
@@ -102,22 +102,21 @@ def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "floa
                     y: T.Buffer((b, n, p), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 4})
         for f in T.parallel(b * nb * po):
-            bi: T.int32 = f // (nb * po)
-            i: T.int32 = f // po % nb
-            o: T.int32 = f % po
-            acc = T.alloc_buffer((r, pt), dtype, scope="local")
+            # block row f // po % nb, column tile f % po, batch f // (nb * po), written out: a
+            # let-bound name there became a 4-byte workspace allocation per task
+            acc = T.alloc_buffer((r, pt), dtype)  # on the stack up to 1 KB
             for rr in T.unroll(r):
                 for q in T.vectorized(pt):
                     acc[rr, q] = T.cast(0, dtype)
-            for j in range(indptr[i], indptr[i + 1]):
+            for j in range(indptr[f // po % nb], indptr[f // po % nb + 1]):
                 for rr in T.unroll(r):
                     for q in T.vectorized(pt):
-                        if o * pt + q < p:
-                            acc[rr, q] = acc[rr, q] + data[j, 0, rr] * x[bi, indices[j], o * pt + q]
+                        if f % po * pt + q < p:
+                            acc[rr, q] = acc[rr, q] + data[j, 0, rr] * x[f // (nb * po), indices[j], f % po * pt + q]
             for rr in T.unroll(r):
                 for q in T.vectorized(pt):
-                    if o * pt + q < p:
-                        y[bi, i * r + rr, o * pt + q] = acc[rr, q]
+                    if f % po * pt + q < p:
+                        y[f // (nb * po), f // po % nb * r + rr, f % po * pt + q] = acc[rr, q]
     return bsr_conv1x1
 
 

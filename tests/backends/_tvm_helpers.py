@@ -49,3 +49,24 @@ def op_names(mod) -> list[str]:
     relax.analysis.post_order_visit(mod["main"], lambda e: names.append(e.op.name) if isinstance(e, relax.Call)
                                     and isinstance(e.op, ir.Op) else None)
     return names
+
+
+def task_allocations(module) -> list[int]:
+    """Bytes of every workspace (heap) allocation made inside a parallel task of ``module``'s
+    kernels (a runtime module, an executable or an artifact), read from the generated LLVM IR.  A buffer under
+    1 KB belongs on the stack (or in registers): one here costs an allocation and a free per task."""
+    import re
+    module = getattr(module, "executable", module)  # an artifact
+    module = module if hasattr(module, "imports") else module.mod  # an executable
+    src = "".join(m.inspect_source("ll") for m in [module, *module.imports] if m.kind == "llvm")
+    sizes = []
+    for fn in re.split(r"\ndefine ", src)[1:]:
+        name = re.match(r"[^@]*@([\w.]+)\(", fn).group(1)
+        if not name.startswith("__tvm_parallel_lambda"):
+            continue
+        body = fn.split("\n}\n")[0]
+        # ``%p = load ptr, ptr @__TVMBackendAllocWorkspace`` then ``call ptr %p(i32, i32, i64 BYTES, ...)``
+        for ptr in re.findall(r"(%[\w.]+) = load ptr, ptr @__TVMBackendAllocWorkspace", body):
+            sizes += [int(n) for n in re.findall(re.escape(ptr) + r"\(i32 [^,]+, i32 [^,]+, i64 (\d+)", body)]
+    assert src, "no LLVM module to read"
+    return sizes

@@ -19,7 +19,7 @@ from prunec.backends.tvm_backend import lower  # noqa: E402
 from prunec.backends.tvm_fuse_expand import FuseExpandDepthwise, fused_kernel, schedule_fused  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tvm_helpers import build_and_compare, op_names  # noqa: E402
+from _tvm_helpers import build_and_compare, op_names, task_allocations  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -174,3 +174,6 @@ def test_built_blocks_match_torch(passes):
     mod, _ = lower(result.graph, (x,), tvm_lower.to_target("llvm"))
     fused = [gv.name_hint for gv, _f in mod.functions_items() if gv.name_hint.startswith("prunec_expand_depthwise")]
     assert len(fused) == 2, fused
+    # the register tiles are stack buffers: the only per-task workspaces are the channels' planes
+    small = [n for n in task_allocations(result.artifact) if n < 1024]
+    assert not small, small

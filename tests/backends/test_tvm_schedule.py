@@ -17,7 +17,7 @@ from tvm import s_tir, te, tirx  # noqa: E402
 from prunec.backends import tvm_lower, tvm_schedule  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tvm_helpers import build_and_compare  # noqa: E402
+from _tvm_helpers import build_and_compare, task_allocations  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -319,6 +319,24 @@ def test_pointwise_conv_schedule_matches_torch(shape):
     if 8 < cout <= 12 and lanes >= 16 and (h * w) % (2 * lanes) == 0:
         assert vec == 2 * lanes, (vec, lanes)  # 9-12 rows x two vectors: 24 of AVX-512's 32 registers
     _run_pointwise(func, target, cin, cout, h, w)
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Conv2d(16, 32, 3, padding=1), (1, 16, 28, 28)),
+    (nn.Conv2d(16, 32, 3, stride=2, padding=1), (1, 16, 28, 28)),
+    (nn.Conv2d(32, 32, 3, padding=1, groups=32), (1, 32, 28, 28)),
+    (nn.Conv2d(32, 32, 3, padding=1, groups=32), (1, 32, 7, 7)),   # one channel's plane per task
+    (nn.Conv2d(48, 12, 1), (1, 48, 56, 56)),                        # 12 rows x two vectors
+    (nn.Linear(64, 96), (4, 64)),
+])
+def test_register_tiles_are_not_heap_allocated(layer, shape):
+    """Every per-task buffer under 1 KB (a register tile, a small plane's padding) is a stack
+    buffer, not a workspace allocation per task: a "local" scope buffer was one, 11.6k of them per
+    MobileNetV2 inference, and LLVM could not keep those accumulators in registers."""
+    torch.manual_seed(0)
+    result = build_and_compare(nn.Sequential(layer, nn.ReLU()), (torch.randn(*shape),))
+    small = [n for n in task_allocations(result.artifact) if n < 1024]
+    assert not small, small
 
 
 @pytest.mark.parametrize("shape", [(8, 16, 32, 32), (6, 4, 14, 14)])

@@ -71,6 +71,21 @@ def test_bsr_conv1x1_exact(b, n, k, p, density):
     np.testing.assert_allclose(y, np.einsum("nk,bkp->bnp", w, x), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "conv1x1"])
+def test_bsr_accumulators_are_not_heap_allocated(kernel):
+    """The accumulator tile is a stack buffer, not a workspace allocation per row block."""
+    import sys
+    import os
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _tvm_helpers import task_allocations
+    w = _pattern(64, 32, 16, 0.5, np.random.default_rng(0))
+    r, nnzb = tvm_sparse.pick_block(w)
+    func = tvm_sparse.bsr_xwt(8, 32, 64, r, nnzb) if kernel == "linear" else tvm_sparse.bsr_wx(1, 64, 32, 56, 8, nnzb)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
+    small = [n for n in task_allocations(lib) if n < 1024]
+    assert not small, small
+
+
 def test_pick_block_prefers_matching_blocks():
     rng = np.random.default_rng(0)
     assert tvm_sparse.pick_block(_pattern(64, 64, 16, 0.1, rng))[0] == 16
