@@ -229,6 +229,9 @@ def legalize_and_fuse() -> list:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        # a reshape kernel becomes a view (no copy); TVM's own pass for this runs after scheduling,
+        # when the schedule has already made the kernel's loops unrecognizable
+        relax.transform.RewriteDataflowReshape(),
         relax.transform.DeadCodeElimination(),
     ]
 
