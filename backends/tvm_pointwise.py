@@ -52,6 +52,15 @@ def _as_matmul(call, lanes: int):
     return relax.op.reshape(y, [n, co, h, wd])
 
 
+def _tensor_const(e) -> bool:
+    return isinstance(e, tvm.ir.expr.Constant) and hasattr(e.value, "numpy")
+
+
+# element-wise ops an epilogue is made of: they commute with the reshape back to [N, Co, H, W]
+_EPILOGUE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
+             "relax.clip", "relax.nn.relu"}
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, lanes):
@@ -61,10 +70,63 @@ class _Rewriter(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         new = _as_matmul(call, self.lanes)
-        if new is None:
-            return call
-        self.count += 1
-        return new
+        if new is not None:
+            self.count += 1
+            return new
+        sunk = self._sink_reshape(call)
+        return call if sunk is None else sunk
+
+    def _split(self, arg):
+        """``(y, [N, Co, H, W])`` when ``arg`` is this pass's ``reshape(matmul(W, x), [N, Co, H, W])``."""
+        if not isinstance(arg, relax.Var):
+            return None
+        value = self.lookup_binding(arg)
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.reshape"):
+            return None
+        y = value.args[0]
+        return (y, _static_shape(arg)) if self._from_matmul(y) else None
+
+    def _from_matmul(self, y, depth: int = 8) -> bool:
+        """``y`` is this pass's ``matmul(W, x)``, or an epilogue op already sunk below its reshape."""
+        value = self.lookup_binding(y) if isinstance(y, relax.Var) else y
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)) or depth == 0:
+            return False
+        if value.op.name == "relax.matmul":
+            return _tensor_const(value.args[0])
+        return value.op.name in _EPILOGUE and any(self._from_matmul(a, depth - 1) for a in value.args
+                                                  if isinstance(a, relax.Var))
+
+    def _sink_reshape(self, call):
+        """``op(reshape(y), c)`` as ``reshape(op(y, c'))``: the epilogue (bias, clip, residual add)
+        then follows the matmul directly, and FuseOps fuses it into the matmul's kernel instead of
+        leaving it a kernel of its own (the reshape, injective, stopped the fusion)."""
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in _EPILOGUE):
+            return None
+        split = [self._split(a) for a in call.args]
+        at = [i for i, sp in enumerate(split) if sp is not None]
+        if len(at) != 1:
+            return None
+        y, shape = split[at[0]]
+        n, co, h, w = shape
+        args = []
+        for i, a in enumerate(call.args):
+            if i == at[0]:
+                args.append(y)
+            elif _tensor_const(a):
+                v = a.value.numpy()
+                if v.size == 1 and v.ndim <= 1:
+                    args.append(a)  # a scalar broadcasts either way
+                elif list(v.shape) in ([1, co, 1, 1], [co, 1, 1]):
+                    args.append(relax.const(v.reshape(1, co, 1)))  # per channel
+                else:
+                    return None
+            elif _static_shape(a) == shape:
+                args.append(relax.op.reshape(a, [n, co, h * w]))  # a residual: reshaped as a view
+            elif isinstance(a, tvm.ir.expr.Constant):
+                args.append(a)  # a scalar operand (clip's bounds)
+            else:
+                return None
+        return relax.op.reshape(relax.Call(call.op, args, call.attrs), shape)
 
 
 class CpuRewrite:

@@ -14,6 +14,7 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
+from tvm.script import tirx as T  # noqa: E402
 
 from prunec.backends.tvm_pointwise import PointwiseAsMatmul  # noqa: E402
 
@@ -50,6 +51,38 @@ def test_a_7x7_pointwise_convolution_becomes_a_matmul():
         def main(x: R.Tensor((1, 64, 7, 7), "float32")) -> R.Tensor((1, 128, 7, 7), "float32"):
             with R.dataflow():
                 y = R.reshape(R.matmul(R.const(w), R.reshape(x, R.shape([1, 64, 49]))), R.shape([1, 128, 7, 7]))
+                R.output(y)
+            return y
+
+    tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
+
+
+def test_the_epilogue_moves_above_the_reshape():
+    """bias, ReLU6 and a residual add on the 4-d output become ops on the matmul's [N, Co, H*W]
+    result, so FuseOps fuses them into the matmul's kernel (the reshape back, injective, had
+    stopped the fusion and left each epilogue a kernel of its own: 8 in MobileNetV2)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64, 7, 7), "float32"))
+    w, b = torch.randn(64, 64, 1, 1).numpy(), torch.randn(1, 64, 1, 1).numpy()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w)))
+            y = bb.emit(relax.op.clip(relax.op.add(y, relax.const(b)), 0.0, 6.0))
+            y = bb.emit_output(relax.op.add(y, x))
+        bb.emit_func_output(y)
+    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
+    after = relax.transform.DeadCodeElimination()(rewrite(bb.get()))
+    assert rewrite.count == 1
+
+    @tvm.script.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 64, 7, 7), "float32")) -> R.Tensor((1, 64, 7, 7), "float32"):
+            with R.dataflow():
+                mm = R.matmul(R.const(w.reshape(64, 64)), R.reshape(x, R.shape([1, 64, 49])))
+                t = R.clip(R.add(mm, R.const(b.reshape(1, 64, 1))), R.prim_value(T.float64(0)),
+                           R.prim_value(T.float64(6)))
+                y = R.reshape(R.add(t, R.reshape(x, R.shape([1, 64, 49]))), R.shape([1, 64, 7, 7]))
                 R.output(y)
             return y
 
@@ -102,9 +135,12 @@ def test_built_model_matches_torch(passes):
         model.bn.running_mean.uniform_(-1, 1)
         model.bn.running_var.uniform_(0.5, 2)
     result = build_and_compare(model, (torch.randn(1, 96, 7, 7),), passes=passes)
-    kernels = set(re.findall(r"\b(?:fused_)?[a-z0-9_]*(?:conv2d|matmul)[a-z0-9_]*", result.artifact.executable.as_text()))
+    kernels = set(re.findall(r"\b(?:fused_)?[a-z0-9_]*(?:conv2d|matmul|reshape)[a-z0-9_]*", result.artifact.executable.as_text()))
     # with AVX2 (8 lanes) or AVX-512 (16), 49 pixels are ragged: both 1x1s are matmuls, the 3x3 is not
     assert len([k for k in kernels if "conv2d" in k]) == 1, kernels
+    # ... and each matmul's epilogue (batch norm or bias, ReLU, the residual add) is in its kernel
+    assert all("_add" in k for k in kernels if "matmul" in k) and not any(k.startswith("fused_reshape") for k in kernels), \
+        kernels
 
 
 def test_with_a_sparse_layer_in_the_same_module():
