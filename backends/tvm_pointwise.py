@@ -83,8 +83,10 @@ class _Rewriter(relax.PyExprMutator):
         value = self.lookup_binding(arg)
         if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.reshape"):
             return None
-        y = value.args[0]
-        return (y, _static_shape(arg)) if self._from_matmul(y) else None
+        y, shape = value.args[0], _static_shape(arg)
+        if shape is None or len(shape) != 4 or _static_shape(y) != [shape[0], shape[1], shape[2] * shape[3]]:
+            return None  # not the split of the last axis that commutes with per-channel operands
+        return (y, shape) if self._from_matmul(y) else None
 
     def _from_matmul(self, y, depth: int = 8) -> bool:
         """``y`` is this pass's ``matmul(W, x)``, or an epilogue op already sunk below its reshape."""

@@ -250,6 +250,19 @@ def _conv(cin: int, cout: int, hw: int, k: int, stride: int):
     return te.create_prim_func([x, wt, z])
 
 
+def _run_conv(func, target, cin, cout, hw, k, stride, seed=0):
+    """Build the scheduled ``_conv`` and check it against torch."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, cin, hw, hw)).astype("float32")
+    wt = rng.standard_normal((cout, cin, k, k)).astype("float32")
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride,
+                                                padding=k // 2)).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape,split", [
     ((3, 16, 32, 7, 2), True),    # a ResNet stem: the padded input is stored phase-split
     ((8, 16, 16, 3, 2), True),
@@ -261,15 +274,7 @@ def test_strided_conv_schedule_matches_torch(shape, split):
     func, target = _schedule(_conv(cin, cout, hw, k, stride))
     xp = [b for b in _blocks(func) if b.name_hint == "xp"][0]
     assert (len(xp.writes[0].source.shape) == 5) == split, xp.writes[0].source.shape
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, cin, hw, hw)).astype("float32")
-    wt = rng.standard_normal((cout, cin, k, k)).astype("float32")
-    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride,
-                                                padding=k // 2)).numpy()
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), out)
-    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+    _run_conv(func, target, cin, cout, hw, k, stride)
 
 
 @pytest.mark.parametrize("shape,in_task", [
@@ -289,15 +294,7 @@ def test_rgb_stem_pads_its_rows_inside_each_task(shape, in_task):
     xp, y = sch.get_sblock("xp"), sch.get_sblock("y_update")
     shared = sch.get(sch.get_loops(xp)[0]).same_as(sch.get(sch.get_loops(y)[0]))
     assert shared == in_task  # the padding runs in the convolution's parallel loop
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((1, cin, hw, hw)).astype("float32")
-    wt = rng.standard_normal((cout, cin, k, k)).astype("float32")
-    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride,
-                                                padding=k // 2)).numpy()
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), out)
-    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+    _run_conv(func, target, cin, cout, hw, k, stride, seed=1)
 
 
 def _pointwise(cin: int, cout: int, h: int, w: int, stride: int = 1):
