@@ -24,6 +24,7 @@ import tvm
 from tvm import relax, s_tir, te
 
 from .tvm_pointwise import CpuRewrite
+from .tvm_pointwise import op_name as _op
 from .tvm_sparse import _static_shape
 
 _Constant = tvm.ir.expr.Constant  # relax.const(...) builds one
@@ -31,10 +32,6 @@ _Constant = tvm.ir.expr.Constant  # relax.const(...) builds one
 _MIN_WIDTH = 28  # narrower rows leave the 1x1's vectors partly empty; PointwiseAsMatmul takes those
 _CHANNELS_PER_TASK = 4
 _TASK_BYTES = 1 << 20  # the task-local 1x1 output and its padded copy stay within about half an L2
-
-
-def _op(call) -> str:
-    return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else ""
 
 
 def _per_channel(expr, c: int) -> np.ndarray | None:

@@ -52,6 +52,11 @@ def _as_matmul(call, lanes: int):
     return relax.op.reshape(y, [n, co, h, wd])
 
 
+def op_name(call) -> str:
+    """The operator a Relax call applies (``relax.add``), or "" for anything else."""
+    return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else ""
+
+
 def _tensor_const(e) -> bool:
     return isinstance(e, tvm.ir.expr.Constant) and hasattr(e.value, "numpy")
 
@@ -81,7 +86,7 @@ class _Rewriter(relax.PyExprMutator):
         if not isinstance(arg, relax.Var):
             return None
         value = self.lookup_binding(arg)
-        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.reshape"):
+        if op_name(value) != "relax.reshape":
             return None
         y, shape = value.args[0], _static_shape(arg)
         if shape is None or len(shape) != 4 or _static_shape(y) != [shape[0], shape[1], shape[2] * shape[3]]:
@@ -90,19 +95,20 @@ class _Rewriter(relax.PyExprMutator):
 
     def _from_matmul(self, y, depth: int = 8) -> bool:
         """``y`` is this pass's ``matmul(W, x)``, or an epilogue op already sunk below its reshape."""
-        value = self.lookup_binding(y) if isinstance(y, relax.Var) else y
-        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)) or depth == 0:
+        if depth == 0:
             return False
-        if value.op.name == "relax.matmul":
+        value = self.lookup_binding(y) if isinstance(y, relax.Var) else y
+        op = op_name(value)
+        if op == "relax.matmul":
             return _tensor_const(value.args[0])
-        return value.op.name in _EPILOGUE and any(self._from_matmul(a, depth - 1) for a in value.args
-                                                  if isinstance(a, relax.Var))
+        return op in _EPILOGUE and any(self._from_matmul(a, depth - 1) for a in value.args
+                                       if isinstance(a, relax.Var))
 
     def _sink_reshape(self, call):
         """``op(reshape(y), c)`` as ``reshape(op(y, c'))``: the epilogue (bias, clip, residual add)
         then follows the matmul directly, and FuseOps fuses it into the matmul's kernel instead of
         leaving it a kernel of its own (the reshape, injective, stopped the fusion)."""
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in _EPILOGUE):
+        if op_name(call) not in _EPILOGUE:
             return None
         split = [self._split(a) for a in call.args]
         at = [i for i, sp in enumerate(split) if sp is not None]

@@ -27,6 +27,8 @@ left alone.
 """
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -56,6 +58,16 @@ def row_vector(width: int, lanes: int) -> int:
     """Lanes per vector tile of a row: two registers or one when they divide it, else the largest
     divisor up to two registers (TVM leaves a guarded vector loop scalar)."""
     return next((d for d in (2 * lanes, lanes) if width % d == 0), None) or _largest_divisor(width, 2 * lanes)
+
+
+def _into_task(sch, blk, par, consumer: bool = False) -> None:
+    """Run stage ``blk`` inside each task of the parallel loop ``par`` (a producer before the
+    task's tiles, a ``consumer`` after them), its innermost loop vectorized where it can be."""
+    (sch.reverse_compute_at if consumer else sch.compute_at)(blk, par)
+    try:
+        sch.vectorize(sch.get_loops(blk)[-1])
+    except Exception:  # noqa: BLE001 - a ragged row or tail: scalar
+        pass
 
 
 def _refusing(pro: list, move) -> list:
@@ -242,12 +254,13 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # columns: one parallel launch, not three (a 1x1 on a 7x7 plane as a matmul)
                 pro = _refusing(pro, sch.compute_inline)
                 par = sch.get_loops(main)[0]
-                for blk in sch.get_child_blocks(sch.get_sblock("root")):
-                    if blk_is_root_level(sch, blk) and not sch.get(blk).same_as(sch.get(main)):
+                blocks = sch.get_child_blocks(sch.get_sblock("root"))
+                idx = [i for i, x in enumerate(blocks) if sch.get(x).same_as(sch.get(main))][0]
+                for blk in blocks[idx + 1:]:
+                    if blk_is_root_level(sch, blk):
                         try:
-                            sch.reverse_compute_at(blk, par)
-                            sch.vectorize(sch.get_loops(blk)[-1])
-                        except Exception:  # noqa: BLE001 - stays its own pass, or a scalar tail
+                            _into_task(sch, blk, par, consumer=True)
+                        except Exception:  # noqa: BLE001 - stays its own pass
                             pass
         elif raxis is None and len(b.reads) >= 2 and len(spatial) >= 2 and cache is not None:
             # a stride-2 depthwise convolution reads its padded input phase-split too (MobileNetV2's
@@ -269,9 +282,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 loops = sch.get_loops(main)
                 ext = [int(sch.get(lp).extent) for lp in loops]
                 spatial, reduce, vaxis = spatial[:-1], [i - 1 for i in reduce], vaxis - 1
-            window = 1
-            for i in reduce:
-                window *= ext[i]
+            window = math.prod(ext[i] for i in reduce)
             rows = bool(pro) and raxis is not None and cache is not None and len(spatial) >= 3 \
                 and window <= _ROW_TASK_WINDOW
             self._tile_conv(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, rows_per_task=rows)
@@ -281,14 +292,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # instead of a separate parallel pass over the whole input (the pruned MobileNetV2
                 # stem 1.75x faster; 16-channel 3x3s 1.0-1.3x)
                 par = sch.get_loops(main)[0]
-
-                def into_task(blk):
-                    sch.compute_at(blk, par)
-                    try:
-                        sch.vectorize(sch.get_loops(blk)[-1])
-                    except Exception:  # noqa: BLE001 - a ragged row: scalar
-                        pass
-                pro = _refusing(pro, into_task)
+                pro = _refusing(pro, lambda blk: _into_task(sch, blk, par))
         # 3. prologue (padding, layout) and left-over epilogue kernels
         for blk in pro:
             _parallel_vectorize(sch, blk, self.threads)
@@ -363,9 +367,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
         plane = v == width and ext[row] * -(-v // lanes) <= (16 if lanes >= 16 else 8)
         if plane:
             r = ext[row]
-        window = 1
-        for i in reduce:
-            window *= ext[i]
+        window = math.prod(ext[i] for i in reduce)
         _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, row, r,
                        serial_columns=True, unroll_window=window <= 49)  # up to 7x7
         return plane
