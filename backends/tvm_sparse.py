@@ -64,8 +64,13 @@ def _tile(n: int, limit: int) -> int:
     return 1
 
 
+_PACK = 16  # batch rows per tile of the packed kernel
+
+
 def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
     """y[M, N] = x[M, K] @ W[N, K]^T, W in BSR (r x 1 blocks); vectorized over the block rows."""
+    if m >= 2 * _PACK and r >= 8:  # one tile: packing costs more than it saves
+        return bsr_xwt_packed(m, k, n, r, nnzb, dtype)
     nb, mt = n // r, _tile(m, 4)
 
     @T.prim_func(private=True)
@@ -89,12 +94,65 @@ def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
     return bsr_linear
 
 
+def bsr_xwt_packed(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
+    """The batched linear: x packed into ``xp[M/16, K, 16]`` tiles, then 16 batch rows x r block rows per task.
+
+    Each non-zero block is one vector load and 16 FMAs whose x operand is a broadcast from
+    one cache line of ``xp``; in x's own layout those 16 values lie in 16 lines, K apart,
+    and a task reads a fresh line per FMA.  Tasks run tile-major (all block rows of one x
+    tile, then the next), so the tile (K x 64 bytes) stays in L1 while the blocks stream.
+    """
+    nb, pt = n // r, _PACK
+    mo = (m + pt - 1) // pt
+    h = pt if pt * r * 4 < 1024 else pt // 2  # two accumulators of < 1 KB each stay on the stack
+    g = pt - h
+
+    @T.prim_func(private=True)
+    def bsr_linear_packed(x: T.Buffer((m, k), dtype), data: T.Buffer((nnzb, 1, r), dtype),
+                          indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+                          y: T.Buffer((m, n), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 4})
+        xp = T.alloc_buffer((mo, k, pt), dtype)
+        for t in T.parallel(mo):
+            for kk in range(k):
+                for mi in T.unroll(pt):
+                    xp[t, kk, mi] = T.if_then_else(t * pt + mi < m, x[T.min(t * pt + mi, m - 1), kk], T.cast(0, dtype))
+        for f in T.parallel(mo * nb):
+            # x tile f // nb, block row f % nb
+            acc = T.alloc_buffer((h, r), dtype)
+            acc2 = T.alloc_buffer((max(g, 1), r), dtype)
+            for mi in T.unroll(h):
+                for rr in T.vectorized(r):
+                    acc[mi, rr] = T.cast(0, dtype)
+            for mi in T.unroll(g):
+                for rr in T.vectorized(r):
+                    acc2[mi, rr] = T.cast(0, dtype)
+            for j in range(indptr[f % nb], indptr[f % nb + 1]):
+                for mi in T.unroll(h):
+                    for rr in T.vectorized(r):
+                        acc[mi, rr] = acc[mi, rr] + data[j, 0, rr] * xp[f // nb, indices[j], mi]
+                for mi in T.unroll(g):
+                    for rr in T.vectorized(r):
+                        acc2[mi, rr] = acc2[mi, rr] + data[j, 0, rr] * xp[f // nb, indices[j], h + mi]
+            for mi in T.unroll(h):
+                for rr in T.vectorized(r):
+                    if f // nb * pt + mi < m:
+                        y[f // nb * pt + mi, f % nb * r + rr] = acc[mi, rr]
+            for mi in T.unroll(g):
+                for rr in T.vectorized(r):
+                    if f // nb * pt + h + mi < m:
+                        y[f // nb * pt + h + mi, f % nb * r + rr] = acc2[mi, rr]
+    return bsr_linear_packed
+
+
 def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "float32"):
     """y[B, N, P] = W[N, K] @ x[B, K, P] (a 1x1 convolution, P = H*W); vectorized over P."""
     nb, pt = n // r, _tile(p, 16)
     if pt < 4 and p > 16:
         pt = 16
     po = (p + pt - 1) // pt
+    h = r if r * pt * 4 < 1024 else r // 2  # a 16 x 16 tile is two accumulators, each on the stack
+    g = r - h
 
     @T.prim_func(private=True)
     def bsr_conv1x1(x: T.Buffer((b, k, p), dtype), data: T.Buffer((nnzb, 1, r), dtype),
@@ -104,19 +162,32 @@ def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "floa
         for f in T.parallel(b * nb * po):
             # block row f // po % nb, column tile f % po, batch f // (nb * po), written out: a
             # let-bound name there became a 4-byte workspace allocation per task
-            acc = T.alloc_buffer((r, pt), dtype)  # on the stack up to 1 KB
-            for rr in T.unroll(r):
+            acc = T.alloc_buffer((h, pt), dtype)  # on the stack below 1 KB
+            acc2 = T.alloc_buffer((max(g, 1), pt), dtype)
+            for rr in T.unroll(h):
                 for q in T.vectorized(pt):
                     acc[rr, q] = T.cast(0, dtype)
+            for rr in T.unroll(g):
+                for q in T.vectorized(pt):
+                    acc2[rr, q] = T.cast(0, dtype)
             for j in range(indptr[f // po % nb], indptr[f // po % nb + 1]):
-                for rr in T.unroll(r):
+                for rr in T.unroll(h):
                     for q in T.vectorized(pt):
                         if f % po * pt + q < p:
                             acc[rr, q] = acc[rr, q] + data[j, 0, rr] * x[f // (nb * po), indices[j], f % po * pt + q]
-            for rr in T.unroll(r):
+                for rr in T.unroll(g):
+                    for q in T.vectorized(pt):
+                        if f % po * pt + q < p:
+                            acc2[rr, q] = (acc2[rr, q]
+                                           + data[j, 0, h + rr] * x[f // (nb * po), indices[j], f % po * pt + q])
+            for rr in T.unroll(h):
                 for q in T.vectorized(pt):
                     if f % po * pt + q < p:
                         y[f // (nb * po), f // po % nb * r + rr, f % po * pt + q] = acc[rr, q]
+            for rr in T.unroll(g):
+                for q in T.vectorized(pt):
+                    if f % po * pt + q < p:
+                        y[f // (nb * po), f // po % nb * r + h + rr, f % po * pt + q] = acc2[rr, q]
     return bsr_conv1x1
 
 
