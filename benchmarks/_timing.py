@@ -16,3 +16,29 @@ def median_ms(fn, number: int = 5, repeat: int = 5) -> float:
             fn()
         ts.append((time.perf_counter() - t0) / number)
     return float(np.median(ts)) * 1e3
+
+
+def interleaved_ms(fns: dict, number: int = 20, rounds: int = 9, settle_s: float = 0.02) -> dict:
+    """Median ms per call of each callable, timed in alternating rounds of ``number`` calls.
+
+    On a shared machine the load changes within seconds; alternating the contenders round by
+    round gives each the same conditions, so their ratios hold even when the milliseconds drift.
+    A callable may instead time itself: one with a ``per_call_s(number)`` attribute returns seconds.
+    """
+    ts = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            # the previous contender's thread pool spins for a while after its last call (OpenMP
+            # and TVM both busy-wait): untimed calls first, until it has gone idle
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < settle_s:
+                fn()
+            own = getattr(fn, "per_call_s", None)
+            if own is not None:
+                ts[name].append(own(number))
+                continue
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            ts[name].append((time.perf_counter() - t0) / number)
+    return {name: float(np.median(v)) * 1e3 for name, v in ts.items()}

@@ -5,7 +5,8 @@
 Rows: a 768x3072 linear (y = x W^T, W: 3072x768) at batch 1 and 128 with 16x1 block
 sparsity, and a BERT-style FFN (768 -> 3072 -> GELU -> 768, 128 tokens) compiled
 end to end through prunec (prune-blocks{block=16x1}) vs the same model dense.
-Times are medians in ms; speedups are over torch dense measured in the same run.
+Times are medians in ms; speedups are over torch dense measured in the same run (for the
+linear rows in alternating rounds with the other contenders, so machine load hits all alike).
 With ``--target cuda`` everything runs on the GPU: prunec's CUDA BSR kernels, TVM's
 dlight-scheduled dense matmul, cuBLAS (F.linear) and cuSPARSE (torch.sparse); a torch
 call is timed up to its ``torch.cuda.synchronize()``.
@@ -13,15 +14,13 @@ call is timed up to its ``torch.cuda.synchronize()``.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import numpy as np
 import torch
-from _timing import median_ms
+from _timing import interleaved_ms
 
 
-_median_ms = functools.partial(median_ms, number=20, repeat=7)
 
 
 def _block_sparse(n, k, r, sparsity, rng):
@@ -41,7 +40,34 @@ def _sync(fn, gpu):
     return call
 
 
+def _tvm_call(func, target, args, gpu):
+    """A callable running one PrimFunc, which times itself with TVM's ``time_evaluator``."""
+    import tvm
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    dev = tvm.cuda(0) if gpu else tvm.cpu(0)
+    targs = [tvm.runtime.tensor(a, dev) for a in args]
+
+    def call():
+        lib["main"](*targs)
+        dev.sync()
+
+    def per_call_s(number):
+        return lib.mod.time_evaluator("main", dev, number=number, repeat=1)(*targs).mean
+    call.per_call_s = per_call_s
+    return call
+
+
+def _vm_call(model, x):
+    """A callable running a loaded prunec artifact, which times itself with its VM's evaluator."""
+    def call():
+        model(x)
+
+    call.per_call_s = lambda number: model.time(x, number=number, repeat=1)
+    return call
+
+
 def bench_linear(target, batches, sparsities, r=16):
+    """Each row's four contenders run in alternating rounds (``interleaved_ms``)."""
     from prunec.backends import tvm_sparse
     xwt, _, dense = tvm_sparse.kernels(target)
     gpu = target.kind.name == "cuda"
@@ -56,17 +82,19 @@ def bench_linear(target, batches, sparsities, r=16):
             w = _block_sparse(n, k, r, sp, rng)
             data, idx, ptr = tvm_sparse.to_bsr(w, r)
             t0 = time.perf_counter()
-            ts = tvm_sparse.time_func(xwt(m, k, n, r, len(idx)), target,
-                                  [x, data, idx, ptr, np.zeros((m, n), "float32")]) * 1e3
+            sparse_tvm = _tvm_call(xwt(m, k, n, r, len(idx)), target,
+                                   [x, data, idx, ptr, np.zeros((m, n), "float32")], gpu)
             build_s = time.perf_counter() - t0
-            if dense_tvm is None:
-                dense_tvm = tvm_sparse.time_func(dense(m, k, n, target), target,
-                                             [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")]) * 1e3
+            if dense_tvm is None:  # the same dense kernel for every sparsity
+                dense_tvm = _tvm_call(dense(m, k, n, target), target,
+                                      [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")], gpu)
             xt, wt = torch.from_numpy(x).to(dev), torch.from_numpy(w).to(dev)
-            td = _median_ms(_sync(lambda: torch.nn.functional.linear(xt, wt), gpu))
             wcsr = wt.to_sparse_csr()
-            tsp = _median_ms(_sync(lambda: torch.sparse.mm(wcsr, xt.T), gpu))
-            rows.append((f"linear 768x3072 b{m}", sp, ts, dense_tvm, td, tsp, build_s))
+            t = interleaved_ms({"sparse": sparse_tvm, "dense": dense_tvm,
+                                "torch": _sync(lambda: torch.nn.functional.linear(xt, wt), gpu),
+                                "torch.sparse": _sync(lambda: torch.sparse.mm(wcsr, xt.T), gpu)})
+            rows.append((f"linear 768x3072 b{m}", sp, t["sparse"], t["dense"], t["torch"], t["torch.sparse"],
+                         build_s))
     return rows
 
 
@@ -84,16 +112,14 @@ def bench_ffn(target, sparsities, tokens=128):
         return nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
 
     dense = prunec.compile(model(), (x,), target=kind, in_place=False).artifact.load()
-    td_tvm = dense.time(x.numpy(), number=5) * 1e3
+    xn = x.numpy()
     for sp in sparsities:
         m = model()
         res = prunec.compile(m, (x,), passes=f"prune-blocks{{block=16x1,ratio={sp}}}", target=kind, in_place=False)
         comp = res.artifact.load()
-        ts = comp.time(x.numpy(), number=5) * 1e3
         with torch.no_grad():
             dev = "cuda" if gpu else "cpu"
             m, xd = m.to(dev), x.to(dev)
-            td = _median_ms(_sync(lambda: m(xd), gpu), number=5)
             w1 = res.graph.tensors["0.weight"].to(dev).to_sparse_csr()
             w2 = res.graph.tensors["2.weight"].to(dev).to_sparse_csr()
             b1, b2, x2 = m[0].bias, m[2].bias, xd.reshape(-1, 768)
@@ -101,10 +127,14 @@ def bench_ffn(target, sparsities, tokens=128):
             def sparse_ffn():
                 h = torch.nn.functional.gelu(torch.sparse.mm(w1, x2.T).T + b1)
                 return torch.sparse.mm(w2, h.T).T + b2
+            fns = {"sparse": _vm_call(comp, xn), "dense": _vm_call(dense, xn), "torch": _sync(lambda: m(xd), gpu)}
             try:
-                tsp = _median_ms(_sync(sparse_ffn, gpu), number=5)
-            except Exception:  # noqa: BLE001
-                tsp = float("nan")
+                sparse_ffn()
+                fns["torch.sparse"] = _sync(sparse_ffn, gpu)
+            except Exception:  # noqa: BLE001 - torch.sparse lacks some ops on some devices
+                pass
+            t = interleaved_ms(fns, number=5)
+        ts, td_tvm, td, tsp = t["sparse"], t["dense"], t["torch"], t.get("torch.sparse", float("nan"))
         choice = ",".join(r["choice"] for r in res.artifact.sparse_report)
         rows.append((f"BERT FFN {tokens} tok ({choice})", sp, ts, td_tvm, td, tsp, sum(res.artifact.timings.values())))
     return rows
