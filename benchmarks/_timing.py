@@ -18,6 +18,18 @@ def median_ms(fn, number: int = 5, repeat: int = 5) -> float:
     return float(np.median(ts)) * 1e3
 
 
+def settle(fn, seconds: float = 0.02) -> None:
+    """Call ``fn`` untimed (at least once) for ``seconds``.  Before timing one contender after
+    another: the previous one's thread pool busy-waits for a while after its last call (OpenMP's
+    and TVM's both do) and takes cores from this one's first calls."""
+    if seconds <= 0:
+        return
+    t0 = time.perf_counter()
+    fn()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+
+
 def interleaved_ms(fns: dict, number: int = 20, rounds: int = 9, settle_s: float = 0.02) -> dict:
     """Median ms per call of each callable, timed in alternating rounds of ``number`` calls.
 
@@ -28,11 +40,7 @@ def interleaved_ms(fns: dict, number: int = 20, rounds: int = 9, settle_s: float
     ts = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            # the previous contender's thread pool spins for a while after its last call (OpenMP
-            # and TVM both busy-wait): untimed calls first, until it has gone idle
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < settle_s:
-                fn()
+            settle(fn, settle_s)
             own = getattr(fn, "per_call_s", None)
             if own is not None:
                 ts[name].append(own(number))

@@ -3,7 +3,7 @@ dense and after a pruning pipeline, measured side by side in one run.
 
     python benchmarks/latency.py [--models resnet18,resnet50,mobilenet_v2,vit_b_16]
         [--pipeline 'fold-bn,prune-channels{ratio=0.5}'] [--threads 2] [--inductor] [--tune-trials N]
-        [--rounds 15] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR] [--target cuda] [--mcpu znver3]
+        [--rounds 15] [--settle 0.05] [--tune-models resnet50] [--tune-variants pruned] [--tuning-db DIR] [--target cuda] [--mcpu znver3]
 
 Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from _timing import median_ms
+from _timing import median_ms, settle
 
 
 # One measurement per round is the mean of 3 calls: rounds are short, so dense and pruned are timed
@@ -66,6 +66,7 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
 
         def timer():
             with torch.no_grad():
+                settle(call, args.settle)
                 return _median_ms(call)
         return timer
 
@@ -80,7 +81,12 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
             print(f"# inductor failed on {name}: {type(e).__name__}")
     def tvm_timer(artifact):
         loaded = artifact.load()
-        return lambda: loaded.time(x.numpy(), number=3, repeat=1) * 1e3
+        xn = x.numpy()
+
+        def timer():
+            settle(lambda: loaded.time(xn, number=1, repeat=1), args.settle)
+            return loaded.time(xn, number=3, repeat=1) * 1e3
+        return timer
 
     timers["tvm"] = tvm_timer(res.artifact)
     if tune:
@@ -131,6 +137,9 @@ def main():
     ap.add_argument("--tune-models", default=None, help="comma list of models to tune (default: all)")
     ap.add_argument("--tune-variants", default="dense,pruned", help="which variants to tune (default: both)")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (median kept)")
+    ap.add_argument("--settle", type=float, default=0.05,
+                    help="seconds each column runs untimed before its measurement, so the previous column's "
+                         "threads have stopped spinning (0: none)")
     ap.add_argument("--tuning-db", default=None,
                     help="directory of tuning databases, one per model-variant (default: fresh temporary ones)")
     args = ap.parse_args()
