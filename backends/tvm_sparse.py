@@ -65,6 +65,7 @@ def _tile(n: int, limit: int) -> int:
 
 
 _PACK = 16  # batch rows per tile of the packed kernel
+_PREFETCH = 16  # blocks ahead (8, 16 and 32 measured alike; 5-19% faster than none)
 
 
 def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
@@ -137,6 +138,10 @@ def bsr_xwt_packed(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "floa
             # two blocks per iteration (3-9% faster than one), then the odd one
             for jj in range((indptr[f % nb + 1] - indptr[f % nb]) // 2):
                 for u in T.unroll(2):
+                    # the x line a block _PREFETCH ahead needs (its row is random: no hardware
+                    # prefetcher guesses it); read, keep in all cache levels, data cache
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        xp[f // nb, indices[T.min(indptr[f % nb] + jj * 2 + u + _PREFETCH, nnzb - 1)], 0]), 0, 3, 1))
                     for mi in T.unroll(h):
                         for rr in T.vectorized(r):
                             acc[mi, rr] = acc[mi, rr] + (data[indptr[f % nb] + jj * 2 + u, 0, rr]
