@@ -1,13 +1,15 @@
-"""1x1 convolutions on small planes as matrix products (a Relax module pass).
+"""1x1 convolutions as matrix products (a Relax module pass).
 
 A 1x1, stride-1 convolution is ``W[Co, Ci] @ X[N, Ci, H*W]``.  The CPU convolution schedule
-vectorizes along the output row (or the fused ``h*w`` plane when that divides by the vector
-width); on a 7x7 or 14x14 plane neither does (49 and 196 are not multiples of 8 or 16), so its
-vectors run partly empty.  As a matmul it gets the GEMM schedule instead: the plane padded to
-whole vector strips and packed, register tiles of output channels.  On ResNet-50's 7x7 and
-14x14 layers that ran 1.3-1.8x faster, its bias / ReLU / residual add then taking a separate
-element-wise pass over the (small) output.  Planes that divide by the vector width keep the
-convolution schedule, which reads the input once and fuses the epilogue.
+vectorizes along the output row; on a 7x7 or 14x14 plane the row (7, 14) and the plane (49,
+196) are no multiple of 8 or 16, so its vectors run partly empty.  As a matmul it gets the GEMM
+schedule instead: the plane padded to whole vector strips and packed, register tiles of output
+channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster.  A 28x28 or 56x56 plane
+is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to 32 and 64 in
+the convolution schedule): as matmuls MobileNetV2 and ResNet-50 ran 1-4% faster, dense and
+pruned.  Larger planes stay convolutions (a pruned MobileNetV2's 112x112 ones ran slower).  The
+bias / BN, clip and residual add after the product move above the reshape back to 4-d, so they
+fuse into the matmul's kernel as they did into the convolution's.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from tvm import relax
 
 from .tvm_sparse import _static_shape
 
-_MAX_PLANE = 256  # small planes only: a large one pays the extra element-wise pass at full size
-_MIN_WEIGHTS = 1 << 16  # beyond 7x7, only layers with this many weights (192->48 at 14x14 ran 0.8x)
+_MAX_PLANE = 256  # planes no vector width divides: up to 16x16
+_MAX_WHOLE_PLANE = 56 * 56  # planes of whole vectors: up to 56x56
+_MIN_WEIGHTS = 1 << 16  # ragged planes beyond 7x7 need this many weights (192->48 at 14x14 ran 0.8x)
 
 
 def _as_matmul(call, lanes: int):
     """``call`` (a ``relax.nn.conv2d``) rewritten as a matmul, or None when it is not a plain
-    1x1, stride-1, unpadded, ungrouped NCHW convolution on a plane no vector width divides."""
+    1x1, stride-1, unpadded, ungrouped NCHW convolution on a plane this pass takes (module docstring)."""
     if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
         return None
     a = call.attrs
@@ -40,10 +43,11 @@ def _as_matmul(call, lanes: int):
     n, ci, h, wd = xs
     co = ws[0]
     plane = h * wd
-    if plane > _MAX_PLANE or plane % lanes == 0 or wd % lanes == 0:
-        return None
-    if plane > 64 and ci * co < _MIN_WEIGHTS:
-        return None  # a 14x14 plane with few channels: the convolution schedule's fused epilogue wins
+    if plane % lanes == 0 or wd % lanes == 0:
+        if plane > _MAX_WHOLE_PLANE:
+            return None
+    elif plane > _MAX_PLANE or (plane > 64 and ci * co < _MIN_WEIGHTS):
+        return None  # a 14x14 plane with few channels: the convolution schedule wins
     if isinstance(w, tvm.ir.expr.Constant):  # fold the weight's reshape here: TVM's FoldConstant compiles a kernel
         w2 = relax.const(w.value.numpy().reshape(co, ci))
     else:

@@ -57,6 +57,15 @@ def test_a_7x7_pointwise_convolution_becomes_a_matmul():
     tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
 
 
+@pytest.mark.parametrize("ci,co,hw", [(72, 12, 56), (96, 16, 28), (16, 16, 32)])
+def test_planes_of_whole_vectors_up_to_56x56_become_matmuls(ci, co, hw):
+    """Their rows are not whole vectors (28, 56), or few weights (16x16 at 32x32): a matmul either way."""
+    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
+    after = rewrite(_conv_module(ci, co, hw))
+    assert rewrite.count == 1
+    assert "relax.matmul" in op_names(after) and "relax.nn.conv2d" not in op_names(after)
+
+
 def test_the_epilogue_moves_above_the_reshape():
     """bias, ReLU6 and a residual add on the 4-d output become ops on the matmul's [N, Co, H*W]
     result, so FuseOps fuses them into the matmul's kernel (the reshape back, injective, had
@@ -90,7 +99,7 @@ def test_the_epilogue_moves_above_the_reshape():
 
 
 @pytest.mark.parametrize("args,why", [
-    ((64, 128, 28), "a 784-element plane is whole 16-lane vectors: the convolution schedule"),
+    ((16, 32, 112), "a 112x112 plane: the convolution schedule"),
     ((16, 16, 14), "a 14x14 plane with few weights: the fused convolution wins"),
     ((64, 128, 14, 2), "strided"),
     ((64, 64, 7, 1, 64), "depthwise"),
