@@ -5,8 +5,8 @@
 Rows: a 768x3072 linear (y = x W^T, W: 3072x768) at batch 1 and 128 with 16x1 block
 sparsity, and a BERT-style FFN (768 -> 3072 -> GELU -> 768, 128 tokens) compiled
 end to end through prunec (prune-blocks{block=16x1}) vs the same model dense.
-Times are medians in ms; speedups are over torch dense measured in the same run (for the
-linear rows in alternating rounds with the other contenders, so machine load hits all alike).
+Times are medians in ms; speedups are over torch dense measured in the same run: each row's
+contenders are timed in alternating rounds, so the machine's load hits them alike.
 With ``--target cuda`` everything runs on the GPU: prunec's CUDA BSR kernels, TVM's
 dlight-scheduled dense matmul, cuBLAS (F.linear) and cuSPARSE (torch.sparse); a torch
 call is timed up to its ``torch.cuda.synchronize()``.
@@ -19,8 +19,6 @@ import time
 import numpy as np
 import torch
 from _timing import interleaved_ms
-
-
 
 
 def _block_sparse(n, k, r, sparsity, rng):
