@@ -102,6 +102,13 @@ def bsr_xwt(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
     return bsr_linear
 
 
+@T.macro
+def _zero(acc, rows, lanes, dtype):
+    for i in T.unroll(rows):
+        for q in T.vectorized(lanes):
+            acc[i, q] = T.cast(0, dtype)
+
+
 def bsr_xwt_packed(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "float32"):
     """The batched linear: x packed into ``xp[M/16, K, 16]`` tiles, then 16 batch rows x r block rows per task.
 
@@ -113,6 +120,20 @@ def bsr_xwt_packed(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "floa
     nb, pt = n // r, _PACK
     mo = (m + pt - 1) // pt
     h, g = _halves(pt, r)
+
+    @T.macro
+    def block(acc, first, rows, xp, data, indices, t, j):
+        # batch rows first .. first + rows of tile t times block j
+        for mi in T.unroll(rows):
+            for rr in T.vectorized(r):
+                acc[mi, rr] = acc[mi, rr] + data[j, 0, rr] * xp[t, indices[j], first + mi]
+
+    @T.macro
+    def store(acc, first, rows, y, t, i):
+        for mi in T.unroll(rows):
+            for rr in T.vectorized(r):
+                if t * pt + first + mi < m:
+                    y[t * pt + first + mi, i * r + rr] = acc[mi, rr]
 
     @T.prim_func(private=True)
     def bsr_linear_packed(x: T.Buffer((m, k), dtype), data: T.Buffer((nnzb, 1, r), dtype),
@@ -135,12 +156,8 @@ def bsr_xwt_packed(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "floa
             # x tile f // nb, block row f % nb
             acc = T.alloc_buffer((h, r), dtype)
             acc2 = T.alloc_buffer((max(g, 1), r), dtype)
-            for mi in T.unroll(h):
-                for rr in T.vectorized(r):
-                    acc[mi, rr] = T.cast(0, dtype)
-            for mi in T.unroll(g):
-                for rr in T.vectorized(r):
-                    acc2[mi, rr] = T.cast(0, dtype)
+            _zero(acc, h, r, dtype)
+            _zero(acc2, g, r, dtype)
             # two blocks per iteration (4-18% faster than one), then the odd one
             for jj in range((indptr[f % nb + 1] - indptr[f % nb]) // 2):
                 for u in T.unroll(2):
@@ -148,31 +165,13 @@ def bsr_xwt_packed(m: int, k: int, n: int, r: int, nnzb: int, dtype: str = "floa
                     # prefetcher guesses it); read, keep in all cache levels, data cache
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                         xp[f // nb, indices[T.min(indptr[f % nb] + jj * 2 + u + _PREFETCH, nnzb - 1)], 0]), 0, 3, 1))
-                    for mi in T.unroll(h):
-                        for rr in T.vectorized(r):
-                            acc[mi, rr] = acc[mi, rr] + (data[indptr[f % nb] + jj * 2 + u, 0, rr]
-                                                         * xp[f // nb, indices[indptr[f % nb] + jj * 2 + u], mi])
-                    for mi in T.unroll(g):
-                        for rr in T.vectorized(r):
-                            acc2[mi, rr] = acc2[mi, rr] + (data[indptr[f % nb] + jj * 2 + u, 0, rr]
-                                                           * xp[f // nb, indices[indptr[f % nb] + jj * 2 + u], h + mi])
+                    block(acc, 0, h, xp, data, indices, f // nb, indptr[f % nb] + jj * 2 + u)
+                    block(acc2, h, g, xp, data, indices, f // nb, indptr[f % nb] + jj * 2 + u)
             if (indptr[f % nb + 1] - indptr[f % nb]) % 2 == 1:
-                for mi in T.unroll(h):
-                    for rr in T.vectorized(r):
-                        acc[mi, rr] = acc[mi, rr] + (data[indptr[f % nb + 1] - 1, 0, rr]
-                                                     * xp[f // nb, indices[indptr[f % nb + 1] - 1], mi])
-                for mi in T.unroll(g):
-                    for rr in T.vectorized(r):
-                        acc2[mi, rr] = acc2[mi, rr] + (data[indptr[f % nb + 1] - 1, 0, rr]
-                                                       * xp[f // nb, indices[indptr[f % nb + 1] - 1], h + mi])
-            for mi in T.unroll(h):
-                for rr in T.vectorized(r):
-                    if f // nb * pt + mi < m:
-                        y[f // nb * pt + mi, f % nb * r + rr] = acc[mi, rr]
-            for mi in T.unroll(g):
-                for rr in T.vectorized(r):
-                    if f // nb * pt + h + mi < m:
-                        y[f // nb * pt + h + mi, f % nb * r + rr] = acc2[mi, rr]
+                block(acc, 0, h, xp, data, indices, f // nb, indptr[f % nb + 1] - 1)
+                block(acc2, h, g, xp, data, indices, f // nb, indptr[f % nb + 1] - 1)
+            store(acc, 0, h, y, f // nb, f % nb)
+            store(acc2, h, g, y, f // nb, f % nb)
     return bsr_linear_packed
 
 
@@ -184,6 +183,21 @@ def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "floa
     po = (p + pt - 1) // pt
     h, g = _halves(r, pt)
 
+    @T.macro
+    def block(acc, first, rows, x, data, indices, bi, c, j):
+        # block rows first .. first + rows of block j times column tile c of batch bi
+        for rr in T.unroll(rows):
+            for q in T.vectorized(pt):
+                if c * pt + q < p:
+                    acc[rr, q] = acc[rr, q] + data[j, 0, first + rr] * x[bi, indices[j], c * pt + q]
+
+    @T.macro
+    def store(acc, first, rows, y, bi, i, c):
+        for rr in T.unroll(rows):
+            for q in T.vectorized(pt):
+                if c * pt + q < p:
+                    y[bi, i * r + first + rr, c * pt + q] = acc[rr, q]
+
     @T.prim_func(private=True)
     def bsr_conv1x1(x: T.Buffer((b, k, p), dtype), data: T.Buffer((nnzb, 1, r), dtype),
                     indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
@@ -194,30 +208,13 @@ def bsr_wx(b: int, n: int, k: int, p: int, r: int, nnzb: int, dtype: str = "floa
             # let-bound name there became a 4-byte workspace allocation per task
             acc = T.alloc_buffer((h, pt), dtype)  # on the stack below 1 KB
             acc2 = T.alloc_buffer((max(g, 1), pt), dtype)
-            for rr in T.unroll(h):
-                for q in T.vectorized(pt):
-                    acc[rr, q] = T.cast(0, dtype)
-            for rr in T.unroll(g):
-                for q in T.vectorized(pt):
-                    acc2[rr, q] = T.cast(0, dtype)
+            _zero(acc, h, pt, dtype)
+            _zero(acc2, g, pt, dtype)
             for j in range(indptr[f // po % nb], indptr[f // po % nb + 1]):
-                for rr in T.unroll(h):
-                    for q in T.vectorized(pt):
-                        if f % po * pt + q < p:
-                            acc[rr, q] = acc[rr, q] + data[j, 0, rr] * x[f // (nb * po), indices[j], f % po * pt + q]
-                for rr in T.unroll(g):
-                    for q in T.vectorized(pt):
-                        if f % po * pt + q < p:
-                            acc2[rr, q] = (acc2[rr, q]
-                                           + data[j, 0, h + rr] * x[f // (nb * po), indices[j], f % po * pt + q])
-            for rr in T.unroll(h):
-                for q in T.vectorized(pt):
-                    if f % po * pt + q < p:
-                        y[f // (nb * po), f // po % nb * r + rr, f % po * pt + q] = acc[rr, q]
-            for rr in T.unroll(g):
-                for q in T.vectorized(pt):
-                    if f % po * pt + q < p:
-                        y[f // (nb * po), f // po % nb * r + h + rr, f % po * pt + q] = acc2[rr, q]
+                block(acc, 0, h, x, data, indices, f // (nb * po), f % po, j)
+                block(acc2, h, g, x, data, indices, f // (nb * po), f % po, j)
+            store(acc, 0, h, y, f // (nb * po), f // po % nb, f % po)
+            store(acc2, h, g, y, f // (nb * po), f // po % nb, f % po)
     return bsr_conv1x1
 
 
@@ -231,13 +228,17 @@ def kernels(target):
     return bsr_xwt, bsr_wx, _dense_matmul
 
 
-def time_func(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray], dev=None) -> float:
-    """Median seconds per call of one PrimFunc on ``target``."""
-    func = func.with_attr("global_symbol", "main")
-    lib = tvm.compile(tvm.IRModule({"main": func}), target)
+def build_func(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray], dev=None):
+    """(library, device, device tensors of ``args``) for one PrimFunc built as ``main`` on ``target``."""
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     if dev is None:
         dev = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
-    targs = [tvm.runtime.tensor(a, dev) for a in args]
+    return lib, dev, [tvm.runtime.tensor(a, dev) for a in args]
+
+
+def time_func(func: tvm.tirx.PrimFunc, target, args: list[np.ndarray], dev=None) -> float:
+    """Median seconds per call of one PrimFunc on ``target``."""
+    lib, dev, targs = build_func(func, target, args, dev)
     f = lib.mod.time_evaluator("main", dev, number=10, repeat=3, min_repeat_ms=20)
     return float(np.median(f(*targs).results))
 

@@ -9,13 +9,15 @@ import numpy as np
 def median_ms(fn, number: int = 5, repeat: int = 5) -> float:
     """Median over ``repeat`` runs of the mean time of ``number`` calls, in ms (after one warm-up call)."""
     fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        ts.append((time.perf_counter() - t0) / number)
-    return float(np.median(ts)) * 1e3
+    return float(np.median([_mean_s(fn, number) for _ in range(repeat)])) * 1e3
+
+
+def _mean_s(fn, number: int) -> float:
+    """Mean seconds of ``number`` calls of ``fn``."""
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
 
 
 def settle(fn, seconds: float = 0.02) -> None:
@@ -42,11 +44,5 @@ def interleaved_ms(fns: dict, number: int = 20, rounds: int = 9, settle_s: float
         for name, fn in fns.items():
             settle(fn, settle_s)
             own = getattr(fn, "per_call_s", None)
-            if own is not None:
-                ts[name].append(own(number))
-                continue
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            ts[name].append((time.perf_counter() - t0) / number)
+            ts[name].append(own(number) if own is not None else _mean_s(fn, number))
     return {name: float(np.median(v)) * 1e3 for name, v in ts.items()}

@@ -38,12 +38,10 @@ def _sync(fn, gpu):
     return call
 
 
-def _tvm_call(func, target, args, gpu):
+def _tvm_call(func, target, args):
     """A callable running one PrimFunc, which times itself with TVM's ``time_evaluator``."""
-    import tvm
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    dev = tvm.cuda(0) if gpu else tvm.cpu(0)
-    targs = [tvm.runtime.tensor(a, dev) for a in args]
+    from prunec.backends.tvm_sparse import build_func
+    lib, dev, targs = build_func(func, target, args)
 
     def call():
         lib["main"](*targs)
@@ -81,11 +79,11 @@ def bench_linear(target, batches, sparsities, r=16):
             data, idx, ptr = tvm_sparse.to_bsr(w, r)
             t0 = time.perf_counter()
             sparse_tvm = _tvm_call(xwt(m, k, n, r, len(idx)), target,
-                                   [x, data, idx, ptr, np.zeros((m, n), "float32")], gpu)
+                                   [x, data, idx, ptr, np.zeros((m, n), "float32")])
             build_s = time.perf_counter() - t0
             if dense_tvm is None:  # the same dense kernel for every sparsity
                 dense_tvm = _tvm_call(dense(m, k, n, target), target,
-                                      [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")], gpu)
+                                      [x, np.ascontiguousarray(w.T), np.zeros((m, n), "float32")])
             xt, wt = torch.from_numpy(x).to(dev), torch.from_numpy(w).to(dev)
             wcsr = wt.to_sparse_csr()
             t = interleaved_ms({"sparse": sparse_tvm, "dense": dense_tvm,
