@@ -8,4 +8,5 @@ from .tvm_lower import prunec_relax_passes as relax_passes  # noqa: F401
 from .tvm_runner import ArtifactError, TVMModel, load  # noqa: F401
 from .tvm_fuse_expand import FuseExpandDepthwise  # noqa: F401
 from .tvm_pointwise import PointwiseAsMatmul  # noqa: F401
+from .tvm_softmax import RowSoftmax  # noqa: F401
 from .tvm_sparse import SparseDenseRewrite  # noqa: F401

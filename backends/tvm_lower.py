@@ -208,7 +208,10 @@ def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, f
     measured choice).
     """
     from . import tvm_sparse
+    from .tvm_softmax import RowSoftmax
     passes = [fold_constant_weights]
+    if target.kind.name == "llvm":
+        passes.append(RowSoftmax(target, fast_math=fast_math))  # before FastMathTransform takes softmax
     if target.kind.name == "llvm" and fast_math:
         passes.append(fast_activations)
     passes.append(tvm_sparse.SparseDenseRewrite(target, **(sparse or {})))
