@@ -9,8 +9,8 @@ arithmetic, and pruning, which halves that tensor but quarters the 1x1's work, c
 its FLOPs ratio into time.
 
 ``FuseExpandDepthwise`` matches ``conv1x1 -> per-channel chain -> depthwise conv -> chain``
-(chains of adds and multiplies by per-channel constants, clip, ReLU; every intermediate used
-once) and replaces it with a ``call_tir`` of one kernel built here with its own schedule:
+(chains of adds, subtracts, multiplies and divides by per-channel constants: a batch norm,
+folded by ``fold-bn`` or not; clip, ReLU; every intermediate used once) and replaces it with a ``call_tir`` of one kernel built here with its own schedule:
 each task takes a few channels, computes their 1x1 output plane into a task-local buffer
 (in cache), pads it, applies the chain and runs the depthwise window over it.  The wide
 tensor never reaches memory.
@@ -50,10 +50,13 @@ def _per_channel(expr, c: int) -> np.ndarray | None:
     return None
 
 
+_PER_CHANNEL = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+
+
 def _step(call, c: int):
     """One element-wise op of a chain: (kind, per-channel vector or (lo, hi)), or None."""
     op = _op(call)
-    if op in ("relax.add", "relax.multiply") and len(call.args) == 2:
+    if op in _PER_CHANNEL and len(call.args) == 2:
         k = _per_channel(call.args[1], c)
         return None if k is None else (op.split(".")[-1], k)
     if op == "relax.clip":
@@ -101,8 +104,12 @@ def _apply(chain, v, c):
     for kind, arg in chain:
         if kind == "add":
             v = v + arg[c]
+        elif kind == "subtract":
+            v = v - arg[c]
         elif kind == "multiply":
             v = v * arg[c]
+        elif kind == "divide":
+            v = v / arg[c]
         elif kind == "clip":
             v = te.max(te.min(v, arg[1]), arg[0])
         else:
@@ -124,7 +131,7 @@ def fused_kernel(n, ci, c, h, w, k, stride, chain1, chain2):
     def bind(chain):
         out = []
         for kind, arg in chain:
-            if kind in ("add", "multiply"):
+            if kind in ("add", "subtract", "multiply", "divide"):
                 buf = te.placeholder((c,), "float32", name=f"k{len(consts)}")
                 consts.append(arg)
                 bufs.append(buf)

@@ -164,7 +164,8 @@ def _random_bn(model):
     return model
 
 
-@pytest.mark.parametrize("passes", ["fold-bn", "fold-bn,prune-channels{ratio=0.5}"])
+# "": the batch norms stay, as subtract / divide / multiply / add by per-channel constants in the chains
+@pytest.mark.parametrize("passes", ["fold-bn", "fold-bn,prune-channels{ratio=0.5}", "", "prune-channels{ratio=0.5}"])
 def test_built_blocks_match_torch(passes):
     torch.manual_seed(0)
     model = _random_bn(TwoBlocks())
