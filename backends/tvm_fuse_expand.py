@@ -119,10 +119,18 @@ def _apply(chain, v, c):
 
 def fused_kernel(n, ci, c, h, w, k, stride, chain1, chain2):
     """The TE definition: 1x1 conv, chain1, zero padding, depthwise conv, chain2.  ``chainN`` is a
-    list of (kind, arg); per-channel vectors become placeholders.  Returns (func, constants)."""
+    list of (kind, arg); per-channel vectors become placeholders.  Returns (func, constants).
+
+    The padded plane is stored phase-split along the row, ``[row, phase, column]`` with padded
+    column ``q + s * (column - off) + phase`` (``s``: the stride when it divides the row, else 1),
+    so a strided window reads contiguous lanes at every tap and the unpadded interior is a box,
+    ``column in [off, off + w / s)`` for every phase, which the schedule splits off the zeros."""
     q = k // 2
-    hp, wp = h + 2 * q, w + 2 * q
-    ho, wo = (hp - k) // stride + 1, (wp - k) // stride + 1
+    hp = h + 2 * q
+    ho, wo = (hp - k) // stride + 1, (w + 2 * q - k) // stride + 1
+    s = stride if w % stride == 0 else 1
+    off = -((-q) // s)  # ceil(q / s): the columns left of the interior
+    cols = max(off + w // s, wo + (k - 1 - q) // s + off)  # ... and as far as the last tap reads
     x = te.placeholder((n, ci, h * w), "float32", name="x")  # the plane flat: whole vectors along h*w
     w1 = te.placeholder((c, ci, 1, 1), "float32", name="w1")
     w2 = te.placeholder((c, 1, k, k), "float32", name="w2")
@@ -142,24 +150,27 @@ def fused_kernel(n, ci, c, h, w, k, stride, chain1, chain2):
     c1, c2 = bind(chain1), bind(chain2)
     rc = te.reduce_axis((0, ci), "rc")
     e = te.compute((n, c, h * w), lambda b, o, f: te.sum(x[b, rc, f] * w1[o, rc, 0, 0], axis=rc), name="expand")
-    p = te.compute((n, c, hp, wp), lambda b, o, y, z: te.if_then_else(
-        te.all(y >= q, y < h + q, z >= q, z < w + q), _apply(c1, e[b, o, (y - q) * w + z - q], o), 0.0),
-        name="expand_pad")
+    p = te.compute((n, c, hp, s, cols), lambda b, o, y, ph, j: te.if_then_else(
+        te.all(y >= q, y < h + q, j >= off, j < off + w // s),
+        _apply(c1, e[b, o, (y - q) * w + (j - off) * s + ph], o), 0.0), name="expand_pad")
     ry, rx = te.reduce_axis((0, k), "ry"), te.reduce_axis((0, k), "rx")
-    d = te.compute((n, c, ho, wo), lambda b, o, y, z: te.sum(
-        p[b, o, y * stride + ry, z * stride + rx] * w2[o, 0, ry, rx], axis=[ry, rx]), name="depthwise")
+
+    def tap(b, o, y, z):  # padded column q + stride * z + rx - q
+        col = z * stride + rx - q
+        return p[b, o, y * stride + ry, col % s, col // s + off]
+    d = te.compute((n, c, ho, wo), lambda b, o, y, z: te.sum(tap(b, o, y, z) * w2[o, 0, ry, rx], axis=[ry, rx]),
+                   name="depthwise")
     out = te.compute((n, c, ho, wo), lambda b, o, y, z: _apply(c2, d[b, o, y, z], o), name="out")
     return te.create_prim_func([x, w1, w2, *bufs, out]), consts
 
 
 def schedule_fused(func, lanes: int):
     """Per task: ``_CHANNELS_PER_TASK`` channels.  The 1x1 output plane is computed in register
-    tiles (the channels x one or two vectors, over the input channels), written to a task-local
-    buffer, padded through the chain (phase-split for stride 2, so the window reads contiguous
-    lanes), then the depthwise window runs in row x vector register tiles, as in the separate
+    tiles (the channels x one or two vectors, over the input channels) and written to a task-local
+    buffer; the padded plane is zero-filled, its interior written through the chain (no bounds test
+    per element), then the depthwise window runs in row x vector register tiles, as in the separate
     depthwise schedule."""
     from .tvm_schedule import TILE_SCOPE, _largest_divisor, row_vector
-    from .tvm_schedule_layout import deinterleave_strided
     sch = s_tir.Schedule(func)
     expand, pad, dw, out = (sch.get_sblock(nm) for nm in ("expand", "expand_pad", "depthwise", "out"))
     acc = sch.cache_write(dw, 0, TILE_SCOPE)
@@ -169,8 +180,8 @@ def schedule_fused(func, lanes: int):
     # channels per task: the 1x1's register tile is these channels x one or two vectors (4 x 32
     # lanes: 8 registers; 8 channels measured the same on MobileNetV2), and their planes stay cached
     g = _CHANNELS_PER_TASK
-    plane = int(sch.get(sch.get_loops(expand)[2]).extent) + int(sch.get(sch.get_loops(pad)[2]).extent) * \
-        int(sch.get(sch.get_loops(pad)[3]).extent)
+    plane = int(sch.get(sch.get_loops(expand)[2]).extent) + \
+        int(np.prod([int(sch.get(lp).extent) for lp in sch.get_loops(pad)[2:]]))
     while g > 1 and g * plane * 4 > _TASK_BYTES:
         g //= 2
     g = _largest_divisor(ch, g)
@@ -182,6 +193,12 @@ def schedule_fused(func, lanes: int):
     xo, xi = sch.split(x, [None, v])
     sch.reorder(b, co, cc, yo, xo, ry, rx, yi, xi)
     task = sch.fuse(b, co)
+    # the padding joins each task by merging its channel loop into the task loop (compute_at would
+    # cut it to the rows and columns the window reads, a ragged zero fill)
+    pb, pc = sch.get_loops(pad)[:2]
+    pco, _ = sch.split(pc, [None, g])
+    task = sch.merge(sch.fuse(pb, pco), task)
+    sch.compute_at(expand, task)
     sch.parallel(task)
     for lp in (ry, rx, yi):
         sch.unroll(lp)
@@ -190,9 +207,13 @@ def schedule_fused(func, lanes: int):
     init = sch.decompose_reduction(dw, ry)
     for blk in (init, acc):
         sch.vectorize(sch.get_loops(blk)[-1])
-    deinterleave_strided(sch, dw, [pad], sch.get(dw).iter_vars[3].var)
-    sch.compute_at(pad, task)
-    sch.compute_at(expand, task)
+    # ... then splits into zeros over the plane and the interior through the chain
+    fill = sch.decompose_padding(pad, sch.get_loops(pad)[1])
+    for blk in (fill, pad):
+        try:
+            sch.vectorize(sch.get_loops(blk)[-1])
+        except Exception:  # noqa: BLE001 - a ragged row: LLVM's own vectorizer
+            pass
     # the 1x1: [task, channel, plane, input channel] -> plane tile, input channel, channel
     # (unrolled), plane lanes (vector); accumulators in registers per plane tile.  Along the flat
     # plane the vectors are whole where a row's are not (56 = 3.5 x 16: 28-lane accumulators
@@ -209,7 +230,7 @@ def schedule_fused(func, lanes: int):
         sch.unroll(pc)
     sch.vectorize(pci)
     pinit = sch.decompose_reduction(expand, prc)
-    for blk in (pinit, pacc, pad):
+    for blk in (pinit, pacc):
         try:
             sch.vectorize(sch.get_loops(blk)[-1])
         except Exception:  # noqa: BLE001 - a ragged row: LLVM's own vectorizer

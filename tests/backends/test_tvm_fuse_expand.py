@@ -104,6 +104,8 @@ def test_cuda_modules_are_left_alone():
     (1, 8, 24, 56, 56, 3, 2),   # MobileNetV2's 56x56 planes: 28-wide output rows
     (2, 5, 7, 30, 34, 5, 2),    # batch 2, non-square, prime channel counts, a 5x5 window
     (1, 3, 6, 28, 28, 3, 1),    # fewer channels than a task takes
+    (1, 4, 8, 29, 31, 3, 2),    # odd rows under stride 2: no phase split (s = 1)
+    (1, 4, 8, 14, 14, 5, 2),    # a 5x5 window under stride 2: two columns of zeros left of each phase
 ])
 def test_fused_kernel_matches_torch(shape):
     n, ci, c, h, w, k, stride = shape
@@ -124,6 +126,20 @@ def test_fused_kernel_matches_torch(shape):
     out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
     lib["main"](*[tvm.runtime.tensor(a) for a in (x.reshape(n, ci, h * w), w1, w2, *consts)], out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_padding_is_a_zero_fill_and_an_interior_without_bounds_tests():
+    """The padded plane's zeros are written once per task and its interior through the chain with
+    no per-element bounds test (an ``if_then_else`` per element of every plane was the fused
+    kernel's largest cost on MobileNetV2's stride-2 blocks)."""
+    func, _ = fused_kernel(1, 8, 48, 112, 112, 3, 2, [("clip", (0.0, 6.0))], [("clip", (0.0, 6.0))])
+    script = schedule_fused(func, 16).script()
+    assert "expand_pad_pad_const" in script
+    interior = script[script.index('T.sblock("expand_pad")'):]
+    interior = interior[:interior.index("T.sblock(", 10)]
+    assert "if_then_else" not in interior, interior
+    # the expansion, the zero fill and the interior run inside the one parallel task loop
+    assert script.count("T.parallel(") == 1
 
 
 class InvertedResidual(nn.Module):
