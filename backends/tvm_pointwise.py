@@ -23,9 +23,10 @@ _MAX_WHOLE_PLANE = 56 * 56  # planes of whole vectors: up to 56x56
 _MIN_WEIGHTS = 1 << 16  # ragged planes beyond 7x7 need this many weights (192->48 at 14x14 ran 0.8x)
 
 
-def _as_matmul(call, lanes: int):
+def _as_matmul(call, lanes: int, reshape=relax.op.reshape):
     """``call`` (a ``relax.nn.conv2d``) rewritten as a matmul, or None when it is not a plain
-    1x1, stride-1, unpadded, ungrouped NCHW convolution on a plane this pass takes (module docstring)."""
+    1x1, stride-1, unpadded, ungrouped NCHW convolution on a plane this pass takes (module docstring).
+    ``reshape(x, shape)`` makes the 3-d view of the input."""
     if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
         return None
     a = call.attrs
@@ -52,7 +53,7 @@ def _as_matmul(call, lanes: int):
         w2 = relax.const(w.value.numpy().reshape(co, ci))
     else:
         w2 = relax.op.reshape(w, [co, ci])
-    y = relax.op.matmul(w2, relax.op.reshape(x, [n, ci, plane]))
+    y = relax.op.matmul(w2, reshape(x, [n, ci, plane]))
     return relax.op.reshape(y, [n, co, h, wd])
 
 
@@ -78,12 +79,23 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        new = _as_matmul(call, self.lanes)
+        new = _as_matmul(call, self.lanes, self._reshape)
         if new is not None:
             self.count += 1
             return new
+        if op_name(call) == "relax.reshape" and _static_shape(call) is not None:
+            return self._reshape(call.args[0], _static_shape(call), call)
         sunk = self._sink_reshape(call)
         return call if sunk is None else sunk
+
+    def _reshape(self, x, shape, call=None):
+        """``x`` reshaped to ``shape``; when ``x`` is itself a reshape of a tensor of that shape
+        (one rewrite's reshape back to 4-d met by the next one's to 3-d), that tensor: fused, the
+        pair was a copy kernel, not a view."""
+        value = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+        if op_name(value) == "relax.reshape" and _static_shape(value.args[0]) == list(shape):
+            return value.args[0]
+        return call if call is not None else relax.op.reshape(x, shape)
 
     def _split(self, arg):
         """``(y, [N, Co, H, W])`` when ``arg`` is this pass's ``reshape(matmul(W, x), [N, Co, H, W])``."""
@@ -116,14 +128,14 @@ class _Rewriter(relax.PyExprMutator):
             return None
         split = [self._split(a) for a in call.args]
         at = [i for i, sp in enumerate(split) if sp is not None]
-        if len(at) != 1:
+        if not at or any(split[i][1] != split[at[0]][1] for i in at):
             return None
-        y, shape = split[at[0]]
+        shape = split[at[0]][1]
         n, co, h, w = shape
         args = []
         for i, a in enumerate(call.args):
-            if i == at[0]:
-                args.append(y)
+            if split[i] is not None:  # a residual add of two products takes both unreshaped
+                args.append(split[i][0])
             elif _tensor_const(a):
                 v = a.value.numpy()
                 if v.size == 1 and v.ndim <= 1:

@@ -98,6 +98,39 @@ def test_the_epilogue_moves_above_the_reshape():
     tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
 
 
+def test_a_residual_add_of_two_products_moves_above_both_reshapes():
+    """MobileNetV2's residual blocks at 56x56 and 28x28 add the projection's matmul to the block
+    input, itself the previous projection's matmul: both operands are reshapes back to 4-d.  The
+    add takes both [N, Co, H*W] results, so it fuses into the second matmul's kernel (it was a
+    ``fused_reshape_add_reshape`` kernel of its own, three in a pruned MobileNetV2), and the
+    second product reads the first's [N, Co, H*W] result: the reshape to 4-d and back is gone."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 32, 28, 28), "float32"))
+    w1, w2 = torch.randn(16, 32, 1, 1).numpy(), torch.randn(16, 16, 1, 1).numpy()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, relax.const(w1)))
+            b = bb.emit(relax.op.nn.conv2d(a, relax.const(w2)))
+            y = bb.emit_output(relax.op.add(b, a))
+        bb.emit_func_output(y)
+    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
+    after = relax.transform.DeadCodeElimination()(rewrite(bb.get()))
+    assert rewrite.count == 2
+
+    @tvm.script.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 32, 28, 28), "float32")) -> R.Tensor((1, 16, 28, 28), "float32"):
+            with R.dataflow():
+                a = R.matmul(R.const(w1.reshape(16, 32)), R.reshape(x, R.shape([1, 32, 784])))
+                b = R.matmul(R.const(w2.reshape(16, 16)), a)
+                y = R.reshape(R.add(b, a), R.shape([1, 16, 28, 28]))
+                R.output(y)
+            return y
+
+    tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
+
+
 @pytest.mark.parametrize("args,why", [
     ((16, 32, 112), "a 112x112 plane: the convolution schedule"),
     ((16, 16, 14), "a 14x14 plane with few weights: the fused convolution wins"),
@@ -150,6 +183,33 @@ def test_built_model_matches_torch(passes):
     # ... and each matmul's epilogue (batch norm or bias, ReLU, the residual add) is in its kernel
     assert all("_add" in k for k in kernels if "matmul" in k) and not any(k.startswith("fused_reshape") for k in kernels), \
         kernels
+
+
+class ResidualChain(nn.Module):
+    """Two residual 1x1 stages at 28x28 (MobileNetV2's projection + residual pattern, without the
+    depthwise convolutions): every product's input is the previous product's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(32, 16, 1)
+        self.b = nn.Conv2d(16, 16, 1)
+        self.c = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(a) + a
+        return self.c(b) + b
+
+
+def test_residual_chain_has_no_reshape_or_add_kernels():
+    """Each residual add fuses into a matmul's kernel and every reshape between the products is a
+    view: before, a reshape back to 4-d met the next product's reshape to 3-d and the pair was a
+    copy kernel (``fused_reshape_reshape``), and an add of two products was a kernel of its own."""
+    torch.manual_seed(0)
+    result = build_and_compare(ResidualChain(), (torch.randn(1, 32, 28, 28),))
+    calls = re.findall(r"call +([\w.]+) in:", result.artifact.executable.as_text())
+    kernels = [c for c in calls if not c.startswith("vm.")]
+    assert len(kernels) == 3 and all("matmul" in k and "reshape" not in k for k in kernels), kernels
 
 
 def test_with_a_sparse_layer_in_the_same_module():
