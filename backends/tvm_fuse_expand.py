@@ -170,7 +170,7 @@ def schedule_fused(func, lanes: int):
     buffer; the padded plane is zero-filled, its interior written through the chain (no bounds test
     per element), then the depthwise window runs in row x vector register tiles, as in the separate
     depthwise schedule."""
-    from .tvm_schedule import TILE_SCOPE, _largest_divisor, row_vector
+    from .tvm_schedule_tiles import TILE_SCOPE, _largest_divisor, row_vector
     sch = s_tir.Schedule(func)
     expand, pad, dw, out = (sch.get_sblock(nm) for nm in ("expand", "expand_pad", "depthwise", "out"))
     acc = sch.cache_write(dw, 0, TILE_SCOPE)

@@ -14,7 +14,7 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import s_tir, te, tirx  # noqa: E402
 
-from prunec.backends import tvm_lower, tvm_schedule  # noqa: E402
+from prunec.backends import tvm_lower, tvm_schedule, tvm_schedule_tiles  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tvm_helpers import build_and_compare, task_allocations  # noqa: E402
@@ -394,7 +394,7 @@ def test_tile_order_moves_the_fewest_bytes(shape, columns_first):
     ext = [int(sch.get(lp).extent) for lp in sch.get_loops(main)]
     lanes = 16
     r = cout if cout <= 12 else 8
-    got = tvm_schedule._columns_first(sch.get(main), ext, [0, 1, 2, 3], 3, 1, lanes if w % lanes == 0 else w, r)
+    got = tvm_schedule_tiles._columns_first(sch.get(main), ext, [0, 1, 2, 3], 3, 1, lanes if w % lanes == 0 else w, r)
     assert got == columns_first
     if columns_first:  # and the reordered schedule computes the same
         sched, target = _schedule(func)
