@@ -37,11 +37,21 @@ def _conv_module(ci: int, co: int, hw: int, stride: int = 1, groups: int = 1, k:
     return bb.get()
 
 
+def _rewritten(mod, count: int):
+    """``mod`` after the pass and dead-code elimination; the pass rewrote ``count`` convolutions."""
+    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
+    after = relax.transform.DeadCodeElimination()(rewrite(mod))
+    assert rewrite.count == count
+    return after
+
+
+def _assert_ir(after, expected) -> None:
+    tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(expected))
+
+
 def test_a_7x7_pointwise_convolution_becomes_a_matmul():
     before = _conv_module(64, 128, 7)
-    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
-    after = rewrite(before)
-    assert rewrite.count == 1
+    after = _rewritten(before, 1)
 
     w = before["main"].body.blocks[0].bindings[0].value.args[1].value.numpy().reshape(128, 64)
 
@@ -54,7 +64,7 @@ def test_a_7x7_pointwise_convolution_becomes_a_matmul():
                 R.output(y)
             return y
 
-    tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
+    _assert_ir(after, Expected)
 
 
 @pytest.mark.parametrize("ci,co,hw", [(72, 12, 56), (96, 16, 28), (16, 16, 32)])
@@ -79,9 +89,7 @@ def test_the_epilogue_moves_above_the_reshape():
             y = bb.emit(relax.op.clip(relax.op.add(y, relax.const(b)), 0.0, 6.0))
             y = bb.emit_output(relax.op.add(y, x))
         bb.emit_func_output(y)
-    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
-    after = relax.transform.DeadCodeElimination()(rewrite(bb.get()))
-    assert rewrite.count == 1
+    after = _rewritten(bb.get(), 1)
 
     @tvm.script.ir_module
     class Expected:
@@ -95,7 +103,7 @@ def test_the_epilogue_moves_above_the_reshape():
                 R.output(y)
             return y
 
-    tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
+    _assert_ir(after, Expected)
 
 
 def test_a_residual_add_of_two_products_moves_above_both_reshapes():
@@ -113,9 +121,7 @@ def test_a_residual_add_of_two_products_moves_above_both_reshapes():
             b = bb.emit(relax.op.nn.conv2d(a, relax.const(w2)))
             y = bb.emit_output(relax.op.add(b, a))
         bb.emit_func_output(y)
-    rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
-    after = relax.transform.DeadCodeElimination()(rewrite(bb.get()))
-    assert rewrite.count == 2
+    after = _rewritten(bb.get(), 2)
 
     @tvm.script.ir_module
     class Expected:
@@ -128,7 +134,7 @@ def test_a_residual_add_of_two_products_moves_above_both_reshapes():
                 R.output(y)
             return y
 
-    tvm.ir.assert_structural_equal(relax.transform.Normalize()(after), relax.transform.Normalize()(Expected))
+    _assert_ir(after, Expected)
 
 
 @pytest.mark.parametrize("args,why", [
