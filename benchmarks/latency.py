@@ -7,7 +7,9 @@ dense and after a pruning pipeline, measured side by side in one run.
 
 Batch 1, 224x224, random weights.  Prints a markdown table: ms per model and
 variant, the FLOPs ratio dense/pruned, and each runtime's pruned/dense
-speedup as a fraction of the FLOPs ratio.  With ``--target cuda`` every column runs on
+speedup as a fraction of the FLOPs ratio; then the untuned TVM ratio's range
+round by round, with dense's ms range (the ratio moves with this VM's load:
+docs/benchmarks.md, twenty-first session).  With ``--target cuda`` every column runs on
 the GPU (torch eager with cuDNN, inductor, TVM with its dlight GPU schedules); a torch
 call is timed up to its ``torch.cuda.synchronize()``.  ``--mcpu`` builds for another CPU than
 this machine's (``znver3``: AVX2 code on an AVX-512 host).  On a shared VM, run one model per
@@ -104,9 +106,10 @@ def prepare(name: str, pipeline: str, args, tune: bool) -> tuple[dict, dict]:
     return row, timers
 
 
-def measure_interleaved(variants: dict, rounds: int) -> None:
+def measure_interleaved(variants: dict, rounds: int) -> dict:
     """Time every (variant, column) once per round, round after round, and keep each one's median:
-    drift on a shared machine then hits dense and pruned alike instead of skewing their ratio."""
+    drift on a shared machine then hits dense and pruned alike instead of skewing their ratio.
+    Returns every round's times, {(variant, column): [ms, ...]}."""
     samples = {(v, c): [] for v, (_, timers) in variants.items() for c in timers}
     for _ in range(rounds):
         for v, (_, timers) in variants.items():
@@ -114,6 +117,18 @@ def measure_interleaved(variants: dict, rounds: int) -> None:
                 samples[(v, c)].append(timer())
     for (v, c), ts in samples.items():
         variants[v][0][c] = float(np.median(ts))
+    return samples
+
+
+def round_spread(samples: dict, col: str, flops_ratio: float) -> str:
+    """The pruned/dense ratio round by round (each round times both within about a second), as
+    "min-max (of the FLOPs ratio)", and dense's ms range: on a VM whose load moves within minutes
+    the ratio moves with it (a pruned model of short kernels loses more under load)."""
+    dense, pruned = samples[("dense", col)], samples[("pruned", col)]
+    ratios = [d / p for d, p in zip(dense, pruned)]
+    lo, hi = min(ratios), max(ratios)
+    return (f"{lo:.2f}-{hi:.2f}x ({lo / flops_ratio:.0%}-{hi / flops_ratio:.0%}); "
+            f"dense {min(dense):.1f}-{max(dense):.1f} ms")
 
 
 def _fmt(v: float) -> str:
@@ -168,7 +183,7 @@ def main():
         tuned = set(args.tune_variants.split(",")) if tune else set()
         variants = {"dense": prepare(name, args.dense_pipeline, args, "dense" in tuned),
                     "pruned": prepare(name, args.pipeline, args, "pruned" in tuned)}
-        measure_interleaved(variants, args.rounds)
+        samples = measure_interleaved(variants, args.rounds)
         dense, pruned = (variants[v][0] for v in ("dense", "pruned"))
         for r in (dense, pruned):
             for c in cols:
@@ -182,12 +197,16 @@ def main():
             if "tuning" in r:
                 print(f"<!-- {name} {variant} tuning: {r['tuning']} -->", flush=True)
         fr = dense["flops"] / pruned["flops"]
-        summary.append((name, fr, {c: dense[c] / pruned[c] for c in cols}))
+        summary.append((name, fr, {c: dense[c] / pruned[c] for c in cols},
+                        round_spread(samples, "tvm", fr)))
     print("\n| model | FLOPs ratio | " + " | ".join(f"{labels[c]} speedup (of FLOPs ratio)" for c in cols) + " |")
     print("|" + "---|" * (2 + len(cols)))
-    for name, fr, sp in summary:
+    for name, fr, sp, _ in summary:
         print(f"| {name} | {fr:.2f}x | "
               + " | ".join("–" if sp[c] != sp[c] else f"{sp[c]:.2f}x ({sp[c] / fr:.0%})" for c in cols) + " |")
+    print("\n| model | TVM untuned pruned/dense, round by round |\n|---|---|")
+    for name, _, _, spread in summary:
+        print(f"| {name} | {spread} |")
 
 
 if __name__ == "__main__":
