@@ -130,7 +130,8 @@ def fused_kernel(n, ci, c, h, w, k, stride, chain1, chain2):
     ho, wo = (hp - k) // stride + 1, (w + 2 * q - k) // stride + 1
     s = stride if w % stride == 0 else 1
     off = -((-q) // s)  # ceil(q / s): the columns left of the interior
-    cols = max(off + w // s, wo + (k - 1 - q) // s + off)  # ... and as far as the last tap reads
+    last = (wo - 1) * stride + k - 1 - q  # the unpadded column the last tap reads
+    cols = max(off + w // s, last // s + off + 1)
     x = te.placeholder((n, ci, h * w), "float32", name="x")  # the plane flat: whole vectors along h*w
     w1 = te.placeholder((c, ci, 1, 1), "float32", name="w1")
     w2 = te.placeholder((c, 1, k, k), "float32", name="w2")
