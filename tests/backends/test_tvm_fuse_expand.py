@@ -121,9 +121,11 @@ def _assert_reads_in_bounds(func, block: str, buffer: str) -> None:
     (2, 5, 7, 30, 34, 5, 2),    # batch 2, non-square, prime channel counts, a 5x5 window
     (1, 3, 6, 28, 28, 3, 1),    # fewer channels than a task takes
     (1, 4, 8, 29, 31, 3, 2),    # odd rows under stride 2: no phase split (s = 1)
+    (1, 8, 16, 57, 57, 3, 2),   # ... and a 29-wide output row, which no vector width divides
     (1, 4, 8, 14, 14, 5, 2),    # a 5x5 window under stride 2: two columns of zeros left of each phase
 ])
-def test_fused_kernel_matches_torch(shape):
+@pytest.mark.parametrize("lanes", [8, 16])  # AVX2's and AVX-512's fp32 vectors: the tiles differ
+def test_fused_kernel_matches_torch(shape, lanes):
     n, ci, c, h, w, k, stride = shape
     rng = np.random.default_rng(0)
     b1, s1, b2 = (rng.standard_normal(c).astype("float32") for _ in range(3))
@@ -133,7 +135,7 @@ def test_fused_kernel_matches_torch(shape):
     # a tap past the padded plane reads whatever lies next to it: the comparison below passes when
     # that happens to be the next row's zeros, so check the bounds themselves
     _assert_reads_in_bounds(func, "depthwise", "expand_pad")
-    func = schedule_fused(func, 16)
+    func = schedule_fused(func, lanes)
     x = rng.standard_normal((n, ci, h, w)).astype("float32")
     w1 = (0.3 * rng.standard_normal((c, ci, 1, 1))).astype("float32")
     w2 = (0.3 * rng.standard_normal((c, 1, k, k))).astype("float32")
