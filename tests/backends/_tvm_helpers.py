@@ -19,11 +19,12 @@ def max_rel_err(got, ref) -> float:
     return worst
 
 
-def build_and_compare(model, inputs, passes: str = "", sparse: dict | None = None, tol: float = 1e-4):
-    """Compile with ``passes`` for llvm; check the TVM output against the torch backend's."""
+def build_and_compare(model, inputs, passes: str = "", sparse: dict | None = None, tol: float = 1e-4,
+                      target: str = "llvm"):
+    """Compile with ``passes`` for ``target`` (a CPU); check the TVM output against the torch backend's."""
     model = model.eval()
     inputs = tuple(inputs)
-    result = prunec.compile(model, inputs, passes=passes, target="llvm", in_place=False,
+    result = prunec.compile(model, inputs, passes=passes, target=target, in_place=False,
                             target_options={"sparse": sparse} if sparse else None)
     with torch.no_grad():
         ref = interpret(result.graph, inputs)
