@@ -171,7 +171,7 @@ def schedule_fused(func, lanes: int):
     buffer; the padded plane is zero-filled, its interior written through the chain (no bounds test
     per element), then the depthwise window runs in row x vector register tiles, as in the separate
     depthwise schedule."""
-    from .tvm_schedule_tiles import TILE_SCOPE, _largest_divisor, row_vector
+    from .tvm_schedule_tiles import TILE_SCOPE, _largest_divisor, row_vector, vectorize_innermost
     sch = s_tir.Schedule(func)
     expand, pad, dw, out = (sch.get_sblock(nm) for nm in ("expand", "expand_pad", "depthwise", "out"))
     acc = sch.cache_write(dw, 0, TILE_SCOPE)
@@ -206,18 +206,10 @@ def schedule_fused(func, lanes: int):
     sch.vectorize(xi)
     sch.reverse_compute_at(acc, xo)
     init = sch.decompose_reduction(dw, ry)
-    for blk in (init, acc):
-        try:
-            sch.vectorize(sch.get_loops(blk)[-1])
-        except Exception:  # noqa: BLE001 - a row no vector width divides (29 with 8 lanes): scalar
-            pass
+    vectorize_innermost(sch, init, acc)  # scalar where no vector width divides the row (29 with 8 lanes)
     # ... then splits into zeros over the plane and the interior through the chain
     fill = sch.decompose_padding(pad, sch.get_loops(pad)[1])
-    for blk in (fill, pad):
-        try:
-            sch.vectorize(sch.get_loops(blk)[-1])
-        except Exception:  # noqa: BLE001 - a ragged row: LLVM's own vectorizer
-            pass
+    vectorize_innermost(sch, fill, pad)
     # the 1x1: [task, channel, plane, input channel] -> plane tile, input channel, channel
     # (unrolled), plane lanes (vector); accumulators in registers per plane tile.  Along the flat
     # plane the vectors are whole where a row's are not (56 = 3.5 x 16: 28-lane accumulators
@@ -234,11 +226,7 @@ def schedule_fused(func, lanes: int):
         sch.unroll(pc)
     sch.vectorize(pci)
     pinit = sch.decompose_reduction(expand, prc)
-    for blk in (pinit, pacc):
-        try:
-            sch.vectorize(sch.get_loops(blk)[-1])
-        except Exception:  # noqa: BLE001 - a ragged row: LLVM's own vectorizer
-            pass
+    vectorize_innermost(sch, pinit, pacc)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
 
 

@@ -40,20 +40,20 @@ from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, 
 from .tvm_schedule_layout import reads_using as _reads_using
 from .tvm_schedule_layout import vars_in as _vars_in
 from .tvm_schedule_rows import RowReduction
-from .tvm_schedule_tiles import (_ROW_TASK_WINDOW, TILE_SCOPE, _largest_divisor, _numel, packable_operand,
-                                 tile_conv, tile_gemm, tile_window)
+from .tvm_schedule_tiles import (TILE_SCOPE, _largest_divisor, _numel, packable_operand, tile_conv, tile_gemm,
+                                 tile_window, vectorize_innermost)
 
 _DATA_PAR, _REDUCE = 0, 2
+# reduction size (input channels x window) up to which each task pads its own rows: RGB stems
+# up to 7x7, 3x3s of up to 16 channels
+_ROW_TASK_WINDOW = 3 * 7 * 7
 
 
 def _into_task(sch, blk, par, consumer: bool = False) -> None:
     """Run stage ``blk`` inside each task of the parallel loop ``par`` (a producer before the
     task's tiles, a ``consumer`` after them), its innermost loop vectorized where it can be."""
     (sch.reverse_compute_at if consumer else sch.compute_at)(blk, par)
-    try:
-        sch.vectorize(sch.get_loops(blk)[-1])
-    except Exception:  # noqa: BLE001 - a ragged row or tail: scalar
-        pass
+    vectorize_innermost(sch, blk)
 
 
 def _refusing(pro: list, move) -> list:

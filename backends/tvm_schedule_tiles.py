@@ -37,6 +37,16 @@ def row_vector(width: int, lanes: int) -> int:
     return next((d for d in (2 * lanes, lanes) if width % d == 0), None) or _largest_divisor(width, 2 * lanes)
 
 
+def vectorize_innermost(sch, *blocks) -> None:
+    """Vectorize each block's innermost loop where TVM can; a ragged row or tail (no vector width
+    divides it) is left to LLVM's own vectorizer."""
+    for blk in blocks:
+        try:
+            sch.vectorize(sch.get_loops(blk)[-1])
+        except Exception:  # noqa: BLE001 - ragged: scalar here
+            pass
+
+
 def _numel(region) -> int | None:
     """Elements of the buffer a region belongs to (None for a symbolic shape)."""
     n = 1
@@ -88,11 +98,7 @@ def tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, opera
     pack = sch.cache_read(main, operand, "global")
     sch.compute_at(pack, par)
     sch.decompose_reduction(main, ro)
-    for blk in (pack, cache) if cache is not None else (pack,):
-        try:
-            sch.vectorize(sch.get_loops(blk)[-1])
-        except Exception:  # noqa: BLE001 - a ragged tail: scalar copy
-            pass
+    vectorize_innermost(sch, pack, *([cache] if cache is not None else []))
 
 def tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis, vec: int) -> bool:
     """Depthwise convolution: no output axis reuses an operand, so tile ``r`` output rows x
@@ -137,9 +143,6 @@ def tile_conv(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, vec: 
                    columns_first=_columns_first(sch.get(main), ext, spatial, vaxis, raxis, v, r))
 
 
-# reduction size (input channels x window) up to which each task pads its own rows: RGB stems
-# up to 7x7, 3x3s of up to 16 channels
-_ROW_TASK_WINDOW = 3 * 7 * 7
 _CACHE_BYTES = 1 << 20  # what stays cached between tiles: about half a core's L2 (1 MB on Zen 4/5, 2 MB on Xeon)
 
 
