@@ -53,6 +53,21 @@ def _physical_cores() -> int:
         return int(os.cpu_count() or 1)
 
 
+def size_thread_pool() -> None:
+    """Size TVM's CPU thread pool to the physical cores, as the schedules' task counts assume
+    (``num-cores`` above), unless the user chose (``TVM_NUM_THREADS`` or ``OMP_NUM_THREADS``).
+
+    Left alone, TVM sizes its pool on first use to half the logical CPUs on x86, assuming two
+    hyperthreads per core; on a VM whose vCPUs are whole cores that is half of them (this 2-vCPU
+    machine ran every model on one thread).  TVM reads the variable when the pool is created, so
+    this runs when prunec's TVM backend is imported."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(_physical_cores())
+
+
+size_thread_pool()
+
+
 def host_cpu() -> str:
     from tvm.target import codegen
     return str(codegen.llvm_get_system_cpu())

@@ -117,3 +117,22 @@ def test_contradicting_tuning_options_are_a_usage_error(built, tmp_path):
                 "-o", str(out))
     assert r.returncode == 2 and "--no-tuning-db" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+_POOL_SIZE = ("import tvm, prunec.backends.tvm, prunec.backends.tvm_lower as l; "
+              "print(tvm.get_global_func('runtime.NumThreads')(), l._physical_cores())")
+
+
+def test_thread_pool_sized_to_physical_cores():
+    """TVM alone takes half the logical CPUs on x86; prunec sizes its pool to the physical cores (what the
+    schedules' task counts assume) unless the user set TVM_NUM_THREADS or OMP_NUM_THREADS."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", _POOL_SIZE], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    threads, cores = map(int, r.stdout.split())
+    assert threads == cores
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        r = subprocess.run([sys.executable, "-c", _POOL_SIZE], capture_output=True, text=True,
+                           env={**env, var: "1"}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert int(r.stdout.split()[0]) == 1, var
