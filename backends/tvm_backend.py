@@ -19,7 +19,7 @@ from tvm import relax
 
 from prunec.errors import UsageError
 
-from . import tvm_lower, tvm_schedule
+from . import tvm_balance, tvm_lower, tvm_schedule
 
 FORMAT_VERSION = 1
 
@@ -168,7 +168,8 @@ def build(graph, inputs, target="llvm", *, tune_trials: int = 0, tuning_db: str 
         mod = tvm_schedule.schedule_module(mod, tgt)
     times["schedule"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, tgt, relax_pipeline=tvm_lower.finalize_pipeline(tgt))
+    ex = tvm.compile(mod, tgt, relax_pipeline=tvm_lower.finalize_pipeline(tgt),
+                     tir_pipeline=tvm_balance.register() if tgt.kind.name == "llvm" else "default")
     times["codegen"] = round(time.perf_counter() - t0, 2)
     ins, outs = _io_specs(graph, inputs)
     return TVMArtifact(ex, tgt, text, ins, outs, sparse_report, times, tuning, fast_math)

@@ -375,5 +375,8 @@ def schedule_pass(target) -> tvm.transform.Pass:
 
 
 def schedule_module(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Every kernel of ``mod`` scheduled for ``target``; on CPU, the parallel loops that may balance
+    their work between threads are marked for ``tvm_balance`` (built with its TIR pipeline)."""
+    from .tvm_balance import mark_module
     with target:
-        return schedule_pass(target)(mod)
+        return mark_module(schedule_pass(target)(mod), target)
