@@ -26,14 +26,17 @@ def _target(cores: int = 2):
     return tvm.target.Target({**tvm_lower.to_target("llvm").export(), "num-cores": cores})
 
 
-@T.prim_func(s_tir=True)
-def _scale(a: T.Buffer((1000, 16), "float32"), b: T.Buffer((1000, 16), "float32")):
-    # a private accumulator per row: running a row twice gives the same row
-    for i in T.parallel(1000):
-        for j in range(16):
-            with T.sblock("acc"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                b[vi, vj] = a[vi, vj] * T.float32(2) + T.float32(1)
+def _rows(n: int):
+    """b = a * 2 + 1 over n rows of 16, rows in parallel: running a row twice gives the same row."""
+    a = te.placeholder((n, 16), "float32", name="a")
+    b = te.compute((n, 16), lambda i, j: a[i, j] * 2.0 + 1.0, name="b")
+    sch = s_tir.Schedule(te.create_prim_func([a, b]))
+    sch.parallel(sch.get_loops(sch.get_sblock("b"))[0])
+    return sch.mod["main"]
+
+
+_scale = _rows(1000)
+_two_threads_only = _rows(2)
 
 
 @T.prim_func(s_tir=True)
@@ -44,15 +47,6 @@ def _in_place(a: T.Buffer((1000, 16), "float32"), b: T.Buffer((1000, 16), "float
             with T.sblock("acc"):
                 vi, vj = T.axis.remap("SS", [i, j])
                 b[vi, vj] = b[vi, vj] + a[vi, vj]
-
-
-@T.prim_func(s_tir=True)
-def _two_threads_only(a: T.Buffer((2, 16), "float32"), b: T.Buffer((2, 16), "float32")):
-    for i in T.parallel(2):
-        for j in range(16):
-            with T.sblock("acc"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                b[vi, vj] = a[vi, vj] + T.float32(1)
 
 
 def _marked(func, tasks: int = 2) -> list:
