@@ -252,9 +252,9 @@ class RegisterTiledReduction(dl.ScheduleRule):
             # a stride-2 depthwise convolution reads its padded input phase-split too (MobileNetV2's
             # 96-channel one at 112x112: 1.55x; the pad stage then does the strided read, once)
             deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
-            if tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis, self.vec):
+            if tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis, self.vec, padded=bool(pro)):
                 # whole channels per task: pad each channel inside its task, in cache, instead of
-                # in a separate parallel pass over all of them
+                # in a separate parallel pass over all of them (one parallel launch, not two)
                 par = sch.get_loops(main)[0]
 
                 def into_task(blk):
