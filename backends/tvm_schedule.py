@@ -256,11 +256,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # whole channels per task: pad each channel inside its task, in cache, instead of
                 # in a separate parallel pass over all of them (one parallel launch, not two)
                 par = sch.get_loops(main)[0]
-
-                def into_task(blk):
-                    sch.compute_at(blk, par)
-                    sch.vectorize(sch.get_loops(blk)[-1])
-                pro = _refusing(pro, into_task)
+                pro = _refusing(pro, lambda blk: _into_task(sch, blk, par))
         else:
             deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
             if plane_vectors(b, ext, spatial, reduce, vaxis, raxis, self.vec):
