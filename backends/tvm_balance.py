@@ -14,16 +14,24 @@ let both sides run the same chunk at the very end.  So a loop is rewritten only 
 iteration twice, concurrently, is harmless: ``mark_balanced_loops`` (on the scheduled kernels,
 where blocks declare their reads and writes) admits a loop whose iterations write no buffer they
 also read, except buffers private to the loop (accumulators and packed operands allocated inside
-it).  ``BalanceParallelLoops`` rewrites the marked loops after TIR lowering; the registered TIR
-pipeline ``prunec-llvm`` is TVM's default with that pass at the end.
+it).  ``BalanceParallelLoops`` rewrites the marked loops after TIR lowering, and checks each one
+again there: lowering can make a stage write in place into the buffer it reads (TVM's storage
+rewrite gave a LLaMA rotary embedding's ``t = -x`` the storage of ``x``, and ``x = -x`` run twice
+is ``x``), so a loop that stores to memory it also loads, other than memory allocated inside it,
+stays static.  The registered TIR pipeline ``prunec-llvm`` is TVM's default with that pass at the end.
 
 MobileNetV2 on the 2-vCPU VM under host load: 4-11% faster, dense and pruned alike (docs/benchmarks.md).
 """
 from __future__ import annotations
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.ir.expr import Call, TensorLoad
 from tvm.tirx import AllocBuffer, BufferLoad, BufferStore, For, ForKind, IfThenElse, IntImm, SeqStmt, While
+from tvm.tirx.stmt import AllocBuffer as AllocBufferStmt
+from tvm.tirx.stmt import BufferStore as BufferStoreStmt
+from tvm.tirx.stmt import DeclBuffer
 
 ANNOTATION = "prunec.balance"  # value: the number of tasks (threads) to balance over
 CHUNKS_PER_TASK = 8  # granularity of the balancing: a loop is claimed in 8 x tasks chunks at most
@@ -145,23 +153,73 @@ def _balanced(loop: For) -> SeqStmt:
     return SeqStmt([AllocBuffer(claims, {"tirx.volatile": True}), init, For(t, c(0), c(tasks), ForKind.PARALLEL, task)])
 
 
-def _rewrite(s):
+# calls that touch memory through a raw pointer, which the loads and stores below do not show
+_OPAQUE = {"tirx.address_of", "tirx.tvm_access_ptr", "tirx.call_extern", "tirx.call_packed",
+           "tirx.call_cpacked", "tirx.call_packed_lowered", "tirx.call_cpacked_lowered"}
+
+
+def _views(body) -> list:
+    """(view, viewed) buffer pairs: each lowered ``decl_buffer`` whose data is another buffer's."""
+    pairs = []
+
+    def decl(d):
+        def data(c):
+            if getattr(c.op, "name", "") == "tirx.buffer_data":
+                pairs.append((d.buffer, c.args[0]))
+        tvm_ffi.structural_walk(d.data, [(Call, data)])
+
+    tvm_ffi.structural_walk(body, [(DeclBuffer, decl)])
+    return pairs
+
+
+def _owner(buf, views):
+    """The buffer whose memory ``buf`` is (views followed back)."""
+    for _ in range(len(views) + 1):
+        viewed = next((src for v, src in views if v.same_as(buf)), None)
+        if viewed is None:
+            break
+        buf = viewed
+    return buf
+
+
+def _runs_twice_safely(loop: For, views) -> bool:
+    """The lowered ``loop`` loads no memory it stores to, except memory allocated inside it."""
+    stores, loads, private, opaque = [], [], [], []
+    tvm_ffi.structural_walk(loop.body, [
+        (BufferStoreStmt, lambda st: stores.append(st.buffer)),
+        (TensorLoad, lambda ld: loads.append(ld.source)),
+        (AllocBufferStmt, lambda al: private.append(al.buffer)),
+        (Call, lambda c: opaque.append(c) if getattr(c.op, "name", "") in _OPAQUE else None),
+    ])
+    if opaque:
+        return False
+    read = [_owner(b, views) for b in loads]
+    for w in (_owner(b, views) for b in stores):
+        if any(w.same_as(r) for r in read) and not any(w.same_as(p) for p in private):
+            return False
+    return True
+
+
+def _rewrite(s, views):
     """``s`` with its marked parallel loops balanced (the statement kinds that hold loops after lowering)."""
     if isinstance(s, For):
         if s.kind == ForKind.PARALLEL and ANNOTATION in s.annotations:
-            return _balanced(s)
-        b = _rewrite(s.body)
+            if _runs_twice_safely(s, views):
+                return _balanced(s)
+            return For(s.loop_var, s.min, s.extent, s.kind, s.body, s.thread_binding,
+                       {k: v for k, v in s.annotations.items() if k != ANNOTATION})
+        b = _rewrite(s.body, views)
         return s if b.same_as(s.body) else For(s.loop_var, s.min, s.extent, s.kind, b, s.thread_binding,
                                                 s.annotations)
     if isinstance(s, SeqStmt):
-        seq = [_rewrite(x) for x in s.seq]
+        seq = [_rewrite(x, views) for x in s.seq]
         return s if all(a.same_as(b) for a, b in zip(seq, s.seq)) else SeqStmt(seq)
     if isinstance(s, tirx.AttrStmt):
-        b = _rewrite(s.body)
+        b = _rewrite(s.body, views)
         return s if b.same_as(s.body) else tirx.AttrStmt(s.node, s.attr_key, s.value, b)
     if isinstance(s, IfThenElse):
-        a = _rewrite(s.then_case)
-        b = _rewrite(s.else_case) if s.else_case is not None else None
+        a = _rewrite(s.then_case, views)
+        b = _rewrite(s.else_case, views) if s.else_case is not None else None
         same = a.same_as(s.then_case) and (b is None or b.same_as(s.else_case))
         return s if same else IfThenElse(s.condition, a, b)
     return s
@@ -169,7 +227,9 @@ def _rewrite(s):
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="prunec.BalanceParallelLoops")
 def balance_pass(func, _mod, _ctx):
-    body = _rewrite(func.body)
+    if ANNOTATION not in func.script():
+        return func
+    body = _rewrite(func.body, _views(func.body))
     return func if body.same_as(func.body) else func.with_body(body)
 
 
