@@ -4,7 +4,8 @@ A 1x1, stride-1 convolution is ``W[Co, Ci] @ X[N, Ci, H*W]``.  The CPU convoluti
 vectorizes along the output row; on a 7x7 or 14x14 plane the row (7, 14) and the plane (49,
 196) are no multiple of 8 or 16, so its vectors run partly empty.  As a matmul it gets the GEMM
 schedule instead: the plane padded to whole vector strips and packed, register tiles of output
-channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster.  A 28x28 or 56x56 plane
+channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster, and with AVX2 on every
+14x14 1x1 of MobileNetV2 (1.1-1.45x; with AVX-512 only above a weight count).  A 28x28 or 56x56 plane
 is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to 32 and 64 in
 the convolution schedule): as matmuls MobileNetV2 and ResNet-50 ran 1-4% faster, dense and
 pruned.  Larger planes stay convolutions (a pruned MobileNetV2's 112x112 ones ran slower).  The
@@ -20,7 +21,11 @@ from .tvm_sparse import _static_shape
 
 _MAX_PLANE = 256  # planes no vector width divides: up to 16x16
 _MAX_WHOLE_PLANE = 56 * 56  # planes of whole vectors: up to 56x56
-_MIN_WEIGHTS = 1 << 16  # ragged planes beyond 7x7 need this many weights (192->48 at 14x14 ran 0.8x)
+# with 16 lanes (AVX-512), ragged planes beyond 7x7 need this many weights: 192->48 at 14x14 ran 0.8x
+# as a matmul on a Xeon.  With 8 (AVX2) every 14x14 1x1 of MobileNetV2 ran faster as a matmul on a
+# Zen 3 host, dense and pruned (0.69-0.93x; 192->48 0.73x), the whole model 0.82-0.93x
+_MIN_WEIGHTS = 1 << 16
+_MIN_WEIGHTS_LANES = 16
 
 
 def _as_matmul(call, lanes: int, reshape=relax.op.reshape):
@@ -47,8 +52,8 @@ def _as_matmul(call, lanes: int, reshape=relax.op.reshape):
     if plane % lanes == 0 or wd % lanes == 0:
         if plane > _MAX_WHOLE_PLANE:
             return None
-    elif plane > _MAX_PLANE or (plane > 64 and ci * co < _MIN_WEIGHTS):
-        return None  # a 14x14 plane with few channels: the convolution schedule wins
+    elif plane > _MAX_PLANE or (plane > 64 and lanes >= _MIN_WEIGHTS_LANES and ci * co < _MIN_WEIGHTS):
+        return None  # a 14x14 plane with few channels on AVX-512: the convolution schedule wins
     if isinstance(w, tvm.ir.expr.Constant):  # fold the weight's reshape here: TVM's FoldConstant compiles a kernel
         w2 = relax.const(w.value.numpy().reshape(co, ci))
     else:
