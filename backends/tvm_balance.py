@@ -227,8 +227,6 @@ def _rewrite(s, views):
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="prunec.BalanceParallelLoops")
 def balance_pass(func, _mod, _ctx):
-    if ANNOTATION not in func.script():
-        return func
     body = _rewrite(func.body, _views(func.body))
     return func if body.same_as(func.body) else func.with_body(body)
 
