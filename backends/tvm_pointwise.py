@@ -5,8 +5,8 @@ vectorizes along the output row; on a 7x7 or 14x14 plane the row (7, 14) and the
 196) are no multiple of 8 or 16, so its vectors run partly empty.  As a matmul it gets the GEMM
 schedule instead: the plane padded to whole vector strips and packed, register tiles of output
 channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster, and with AVX2 on every
-14x14 1x1 of MobileNetV2 (1.08-1.45x; with AVX-512 only above a weight count).  A 28x28 or 56x56 plane
-is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to 32 and 64 in
+14x14 1x1 of a pruned MobileNetV2 (1.08-1.45x; with AVX-512 only above a weight count).  A 28x28
+or 56x56 plane is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to 32 and 64 in
 the convolution schedule): as matmuls MobileNetV2 and ResNet-50 ran 1-4% faster, dense and
 pruned.  Larger planes stay convolutions (a pruned MobileNetV2's 112x112 ones ran slower).  The
 bias / BN, clip and residual add after the product move above the reshape back to 4-d, so they
@@ -22,8 +22,8 @@ from .tvm_sparse import _static_shape
 _MAX_PLANE = 256  # planes no vector width divides: up to 16x16
 _MAX_WHOLE_PLANE = 56 * 56  # planes of whole vectors: up to 56x56
 # with 16 lanes (AVX-512), ragged planes beyond 7x7 need this many weights: 192->48 at 14x14 ran 0.8x
-# as a matmul on a Xeon.  With 8 (AVX2) every 14x14 1x1 of MobileNetV2 ran faster as a matmul on a
-# Zen 3 host, dense and pruned (0.69-0.93x; 192->48 0.73x), the whole model 0.82-0.93x
+# as a matmul on a Xeon.  With 8 (AVX2) every 14x14 1x1 of a pruned MobileNetV2 ran faster as a matmul
+# on a Zen 3 host (0.69-0.93x the time; 192->48 0.73x), the whole model 0.82-0.88x dense, 0.85-0.93x pruned
 _MIN_WEIGHTS = 1 << 16
 _MIN_WEIGHTS_LANES = 16
 
