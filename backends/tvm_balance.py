@@ -28,10 +28,8 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.ir.expr import Call, TensorLoad
-from tvm.tirx import AllocBuffer, BufferLoad, BufferStore, For, ForKind, IfThenElse, IntImm, SeqStmt, While
-from tvm.tirx.stmt import AllocBuffer as AllocBufferStmt
-from tvm.tirx.stmt import BufferStore as BufferStoreStmt
-from tvm.tirx.stmt import DeclBuffer
+from tvm.tirx import (AllocBuffer, BufferLoad, BufferStore, DeclBuffer, For, ForKind, IfThenElse, IntImm, SeqStmt,
+                      While)
 
 ANNOTATION = "prunec.balance"  # value: the number of tasks (threads) to balance over
 CHUNKS_PER_TASK = 8  # granularity of the balancing: a loop is claimed in 8 x tasks chunks at most
@@ -186,9 +184,9 @@ def _runs_twice_safely(loop: For, views) -> bool:
     """The lowered ``loop`` loads no memory it stores to, except memory allocated inside it."""
     stores, loads, private, opaque = [], [], [], []
     tvm_ffi.structural_walk(loop.body, [
-        (BufferStoreStmt, lambda st: stores.append(st.buffer)),
+        (BufferStore, lambda st: stores.append(st.buffer)),
         (TensorLoad, lambda ld: loads.append(ld.source)),
-        (AllocBufferStmt, lambda al: private.append(al.buffer)),
+        (AllocBuffer, lambda al: private.append(al.buffer)),
         (Call, lambda c: opaque.append(c) if getattr(c.op, "name", "") in _OPAQUE else None),
     ])
     if opaque:

@@ -6,8 +6,8 @@ vectorizes along the output row; on a 7x7 or 14x14 plane the row (7, 14) and the
 schedule instead: the plane padded to whole vector strips and packed, register tiles of output
 channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster, and with AVX2 on every
 14x14 1x1 of a pruned MobileNetV2 (1.08-1.45x; with AVX-512 only above a weight count).  A 28x28
-or 56x56 plane is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to 32 and 64 in
-the convolution schedule): as matmuls MobileNetV2 and ResNet-50 ran 1-4% faster, dense and
+or 56x56 plane is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to
+32 and 64 in the convolution schedule): as matmuls MobileNetV2 and ResNet-50 ran 1-4% faster, dense and
 pruned.  Larger planes stay convolutions (a pruned MobileNetV2's 112x112 ones ran slower).  The
 bias / BN, clip and residual add after the product move above the reshape back to 4-d, so they
 fuse into the matmul's kernel as they did into the convolution's.

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from _timing import median_ms
 from kernel_scaling import _build, _flops
 
 
@@ -75,11 +76,7 @@ def measure(name: str, dense_pipeline: str, pipeline: str, rounds: int, evict_mb
     for _ in range(rounds + 1):  # the first round warms up
         for v, (vm, x) in builds.items():
             f = vm["main"]
-            f(x)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                f(x)
-            times[v]["whole"].append((time.perf_counter() - t0) / 3)
+            times[v]["whole"].append(median_ms(lambda: f(x), number=3, repeat=1) / 1e3)
             warm, cold = replay(calls[v]), replay(calls[v], evict)
             times[v]["warm"].append(warm.sum())
             times[v]["cold"].append(cold.sum())
