@@ -234,7 +234,8 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # write-back; it reads only the finished reduction output
         # 2. tile
         if gemm is not None:
-            tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm, self.vec, self.gemm_rows)
+            tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm, self.vec, self.gemm_rows,
+                      padded=padded)
             if padded:
                 # each column strip's task zero-pads its operand as it packs it and crops its own
                 # columns: one parallel launch, not three (a 1x1 on a 7x7 plane as a matmul)

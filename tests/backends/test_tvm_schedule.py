@@ -55,6 +55,8 @@ def _schedule(func):
     (3, 37, 37, 8, True),     # attention p @ v
     (1, 1, 32, 64, False),    # one row
     (1, 9, 16, 80, False),    # 80 columns: padded to whole vectors (its best strip, 20, is not)
+    (1, 12, 72, 64, False),   # a short strip, read in place (no packed copy)
+    (1, 14, 600, 64, False),  # a long strip, packed
 ])
 def test_gemm_schedule_matches_numpy(shape):
     batch, m, k, n, batched = shape
@@ -133,6 +135,14 @@ def test_gemm_columns_that_split_into_no_whole_vectors_are_padded():
     blocks = {b.name_hint: b for b in _blocks(_schedule(_matmul_bias(1, 9, 16, n, False))[0])}
     # the packed strips hold whole vectors: the operand is zero-padded as it is packed
     assert int(blocks["w_pad_global"].writes[0].source.shape[-1]) % (2 * lanes) == 0, blocks.keys()
+
+
+@pytest.mark.parametrize("k,packed", [(72, False), (512, True)])
+def test_gemm_packs_only_a_strip_too_long_for_l1(k, packed):
+    """An unpadded operand's strip of 72 rows (a pruned 1x1 at 56x56: 12 x 72 x 3136) is read in
+    place; one of 512 rows (32 KB and more) is copied contiguously per strip first."""
+    names = {b.name_hint for b in _blocks(_schedule(_matmul_bias(1, 12, k, 64, False))[0])}
+    assert ("w_global" in names) == packed, names
 
 
 def test_gemm_schedule_packs_the_operand_and_writes_in_bounds():
