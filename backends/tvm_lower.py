@@ -210,8 +210,8 @@ def fast_activations(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     mod = rewriter.builder_.get()
-    return tvm.transform.Sequential([relax.transform.CanonicalizeBindings(),
-                                     relax.transform.FastMathTransform()])(mod)
+    # no CanonicalizeBindings: it runs after SparseDenseRewrite's call_tir here (see PointwiseAsMatmul)
+    return relax.transform.FastMathTransform()(mod)
 
 
 def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, fast_math: bool = True) -> list:
@@ -227,8 +227,6 @@ def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, f
     passes = [fold_constant_weights]
     if target.kind.name == "llvm":
         passes.append(RowSoftmax(target, fast_math=fast_math))  # before FastMathTransform takes softmax
-    if target.kind.name == "llvm" and fast_math:
-        passes.append(fast_activations)
     passes.append(tvm_sparse.SparseDenseRewrite(target, **(sparse or {})))
     if target.kind.name == "llvm":
         from .tvm_fuse_expand import FuseExpandDepthwise
@@ -236,6 +234,9 @@ def prunec_relax_passes(target: tvm.target.Target, sparse: dict | None = None, f
         # after the sparse choice: a sparse 1x1 stays sparse
         passes.append(FuseExpandDepthwise(target))  # before PointwiseAsMatmul takes the small planes' 1x1s
         passes.append(PointwiseAsMatmul(target))
+    if target.kind.name == "llvm" and fast_math:
+        # after PointwiseAsMatmul: an activation it moved above a 1x1's reshape is decomposed there
+        passes.append(fast_activations)
     return passes
 
 

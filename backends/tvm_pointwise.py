@@ -8,7 +8,9 @@ channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster, and with
 14x14 1x1 of a pruned MobileNetV2 (1.08-1.45x; with AVX-512 only above a weight count).  A 28x28
 or 56x56 plane is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to
 32 and 64 in the convolution schedule): as matmuls MobileNetV2 and ResNet-50 ran 1-4% faster, dense and
-pruned.  Larger planes stay convolutions (a pruned MobileNetV2's 112x112 ones ran slower).  The
+pruned.  A 112x112 plane's rows are whole vectors, but its 1x1s have few input channels, and as
+matmuls they read their operand in place (no packed copy; tvm_schedule_tiles): MobileNetV2's 32->16
+(16->8 pruned) ran 0.83x (0.71x) the time.  Larger planes stay convolutions.  The
 bias / BN, clip and residual add after the product move above the reshape back to 4-d, so they
 fuse into the matmul's kernel as they did into the convolution's.
 """
@@ -20,7 +22,7 @@ from tvm import relax
 from .tvm_sparse import _static_shape
 
 _MAX_PLANE = 256  # planes no vector width divides: up to 16x16
-_MAX_WHOLE_PLANE = 56 * 56  # planes of whole vectors: up to 56x56
+_MAX_WHOLE_PLANE = 112 * 112  # planes of whole vectors: up to 112x112
 # with 16 lanes (AVX-512), ragged planes beyond 7x7 need this many weights: 192->48 at 14x14 ran 0.8x
 # as a matmul on a Xeon.  With 8 (AVX2) every 14x14 1x1 of a pruned MobileNetV2 ran faster as a matmul
 # on a Zen 3 host (0.69-0.93x the time; 192->48 0.73x), the whole model 0.82-0.88x dense, 0.85-0.93x pruned
@@ -73,7 +75,14 @@ def _tensor_const(e) -> bool:
 
 # element-wise ops an epilogue is made of: they commute with the reshape back to [N, Co, H, W]
 _EPILOGUE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
-             "relax.clip", "relax.nn.relu"}
+             "relax.clip", "relax.nn.relu", "relax.nn.relu6", "relax.nn.leakyrelu"}
+# ... and activations that cost more than a few instructions per element: they join the matmul's kernel
+# only on a plane of whole vectors, whose epilogue runs in the register tiles' write-back.  A padded
+# plane (7x7, 14x14) runs its epilogue in the crop pass, scalar (its last strip is guarded): EfficientNet
+# -B0's 672x112 SiLU layer at 14x14 took 1.18 ms there against 0.44 ms plus a separate SiLU kernel;
+# at 112x112 its 16->96 expansion with SiLU ran 0.75x the time of the two kernels
+_ACTIVATIONS = {"relax.nn.silu", "relax.sigmoid", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.tanh",
+                "relax.negative", "relax.exp", "relax.erf"}
 
 
 @relax.expr_functor.mutator
@@ -122,14 +131,15 @@ class _Rewriter(relax.PyExprMutator):
         op = op_name(value)
         if op == "relax.matmul":
             return _tensor_const(value.args[0])
-        return op in _EPILOGUE and any(self._from_matmul(a, depth - 1) for a in value.args
-                                       if isinstance(a, relax.Var))
+        return op in _EPILOGUE | _ACTIVATIONS and any(self._from_matmul(a, depth - 1) for a in value.args
+                                                      if isinstance(a, relax.Var))
 
     def _sink_reshape(self, call):
         """``op(reshape(y), c)`` as ``reshape(op(y, c'))``: the epilogue (bias, clip, residual add)
         then follows the matmul directly, and FuseOps fuses it into the matmul's kernel instead of
         leaving it a kernel of its own (the reshape, injective, stopped the fusion)."""
-        if op_name(call) not in _EPILOGUE:
+        op = op_name(call)
+        if op not in _EPILOGUE | _ACTIVATIONS:
             return None
         split = [self._split(a) for a in call.args]
         at = [i for i, sp in enumerate(split) if sp is not None]
@@ -137,6 +147,8 @@ class _Rewriter(relax.PyExprMutator):
             return None
         shape = split[at[0]][1]
         n, co, h, w = shape
+        if op in _ACTIVATIONS and (h * w) % self.lanes:
+            return None
         args = []
         for i, a in enumerate(call.args):
             if split[i] is not None:  # a residual add of two products takes both unreshaped

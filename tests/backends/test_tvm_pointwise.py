@@ -16,7 +16,7 @@ from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
-from prunec.backends.tvm_pointwise import PointwiseAsMatmul  # noqa: E402
+from prunec.backends.tvm_pointwise import PointwiseAsMatmul, op_name  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tvm_helpers import build_and_compare, op_names  # noqa: E402
@@ -67,9 +67,10 @@ def test_a_7x7_pointwise_convolution_becomes_a_matmul():
     _assert_ir(after, Expected)
 
 
-@pytest.mark.parametrize("ci,co,hw", [(72, 12, 56), (96, 16, 28), (16, 16, 32)])
-def test_planes_of_whole_vectors_up_to_56x56_become_matmuls(ci, co, hw):
-    """Their rows are not whole vectors (28, 56), or few weights (16x16 at 32x32): a matmul either way."""
+@pytest.mark.parametrize("ci,co,hw", [(72, 12, 56), (96, 16, 28), (16, 16, 32), (32, 16, 112)])
+def test_planes_of_whole_vectors_up_to_112x112_become_matmuls(ci, co, hw):
+    """Their rows are not whole vectors (28, 56), or few weights (16x16 at 32x32; MobileNetV2's 32->16
+    at 112x112, whose operand strips are read in place): a matmul either way."""
     rewrite = PointwiseAsMatmul(_TARGET, lanes=16)
     after = rewrite(_conv_module(ci, co, hw))
     assert rewrite.count == 1
@@ -138,7 +139,7 @@ def test_a_residual_add_of_two_products_moves_above_both_reshapes():
 
 
 @pytest.mark.parametrize("args,why", [
-    ((16, 32, 112), "a 112x112 plane: the convolution schedule"),
+    ((16, 32, 224), "a 224x224 plane: the convolution schedule"),
     ((16, 16, 14), "a 14x14 plane with few weights on AVX-512: the fused convolution wins"),
     ((64, 128, 14, 2), "strided"),
     ((64, 64, 7, 1, 64), "depthwise"),
@@ -200,6 +201,47 @@ def test_built_model_matches_torch(passes):
     # ... and each matmul's epilogue (batch norm or bias, ReLU, the residual add) is in its kernel
     assert all("_add" in k for k in kernels if "matmul" in k) and not any(k.startswith("fused_reshape") for k in kernels), \
         kernels
+
+
+@pytest.mark.parametrize("hw,moved", [(56, True), (7, False)])
+def test_an_activation_moves_above_the_reshape_on_whole_vector_planes_only(hw, moved):
+    """SiLU after a 1x1: on a 56x56 plane it joins the matmul's kernel (the register tiles' write-back
+    runs it in vectors); on a 7x7 plane the epilogue would run in the scalar crop pass, so it stays."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, hw, hw), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(torch.randn(32, 16, 1, 1).numpy())))
+            z = bb.emit_output(relax.op.nn.silu(y))
+        bb.emit_func_output(z)
+    after = _rewritten(bb.get(), 1)
+    silu = [b.value for blk in after["main"].body.blocks for b in blk.bindings
+            if op_name(b.value) == "relax.nn.silu"]
+    assert len(silu) == 1
+    assert (silu[0].ty.ndim == 3) == moved, after
+
+
+@pytest.mark.parametrize("hw", [56, 7])
+def test_activations_after_products_match_torch(hw):
+    """Batch norm + SiLU and GELU after 1x1s, in the matmul's kernel at 56x56 (where the host's vectors
+    divide the plane), after it at 7x7: the same numbers either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 48, 1), nn.BatchNorm2d(48), nn.SiLU(), nn.Conv2d(48, 16, 1), nn.GELU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    result = build_and_compare(model, (torch.randn(1, 8, hw, hw),), passes="fold-bn")
+    kernels = set(re.findall(r"\bfused_[a-z0-9_]+", result.artifact.executable.as_text()))
+    fused = [k for k in kernels if "matmul" in k and "fast_exp" in k]
+    assert len(fused) == (1 if hw == 56 else 0), kernels
+
+
+def test_112x112_pointwise_matches_torch():
+    """MobileNetV2's first projection (pruned: 16->8) at 112x112, a matmul reading its operand in place."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 8, 1), nn.ReLU6()).eval()
+    result = build_and_compare(model, (torch.randn(1, 16, 112, 112),))
+    assert "matmul" in result.artifact.executable.as_text()
 
 
 class InvertedResidual14(nn.Module):
