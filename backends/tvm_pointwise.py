@@ -78,9 +78,9 @@ _EPILOGUE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "r
              "relax.clip", "relax.nn.relu", "relax.nn.relu6", "relax.nn.leakyrelu"}
 # ... and activations that cost more than a few instructions per element: they join the matmul's kernel
 # only on a plane of whole vectors, whose epilogue runs in the register tiles' write-back.  A padded
-# plane (7x7, 14x14) runs its epilogue in the crop pass, scalar (its last strip is guarded): EfficientNet
-# -B0's 672x112 SiLU layer at 14x14 took 1.18 ms there against 0.44 ms plus a separate SiLU kernel;
-# at 112x112 its 16->96 expansion with SiLU ran 0.75x the time of the two kernels
+# plane (7x7, 14x14) runs its epilogue in the crop pass, in guarded 4-lane groups (the last strip is
+# partial): EfficientNet-B0's 672x112 SiLU layer at 14x14 took 1.18 ms there against 0.44 ms plus a
+# separate SiLU kernel; at 112x112 its 16->96 expansion with SiLU ran 0.75x the time of the two kernels
 _ACTIVATIONS = {"relax.nn.silu", "relax.sigmoid", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.tanh",
                 "relax.negative", "relax.exp", "relax.erf"}
 

@@ -13,8 +13,8 @@ fused kernel, with dlight's CPU rules as fallbacks:
   channels or columns outermost, whichever re-reads fewer bytes from beyond the cache.
   A matmul (one reduction axis, the vector operand indexed by plain loop variables) is tiled as
   a GEMM instead: parallel strips of ``2 x vec`` columns, each packing its operand slice
-  contiguously and sweeping all rows in ``gemm_rows`` x ``2 x vec`` register tiles; ragged
-  column counts are zero-padded.  Pooling reads its input with a bounds check instead of a
+  contiguously (a short one is read in place) and sweeping all rows in ``gemm_rows`` x ``2 x vec``
+  register tiles; ragged column counts are zero-padded.  Pooling reads its input with a bounds check instead of a
   padding pass.  A depthwise convolution (no axis to reuse an operand across) is tiled
   over several output rows with its window unrolled, so the rows share input loads.
   The tilings themselves are in tvm_schedule_tiles.py, the layout rewrites before them in

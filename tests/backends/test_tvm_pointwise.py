@@ -206,7 +206,8 @@ def test_built_model_matches_torch(passes):
 @pytest.mark.parametrize("hw,moved", [(56, True), (7, False)])
 def test_an_activation_moves_above_the_reshape_on_whole_vector_planes_only(hw, moved):
     """SiLU after a 1x1: on a 56x56 plane it joins the matmul's kernel (the register tiles' write-back
-    runs it in vectors); on a 7x7 plane the epilogue would run in the scalar crop pass, so it stays."""
+    runs it in vectors); on a 7x7 plane the epilogue would run in the crop pass, in guarded 4-lane
+    groups, so it stays."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 16, hw, hw), "float32"))
     with bb.function("main", [x]):
