@@ -61,3 +61,36 @@ def test_exact_math_keeps_the_library_calls():
     with torch.no_grad():
         ref = model(x)
     assert max_rel_err(res.artifact.load()(x), [ref]) <= 1e-6
+
+
+def test_passes_in_a_users_own_pipeline_as_documented():
+    """docs/tvm-backend.md's own-pipeline example: prunec's passes in a hand-built TVM pipeline, fast
+    math after PointwiseAsMatmul (which moved the SiLU above the 1x1's reshape, into its kernel)."""
+    import numpy as np
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from prunec.backends.tvm import (FuseExpandDepthwise, PointwiseAsMatmul, SparseDenseRewrite, fast_activations,
+                                     relax_passes)
+    from prunec.backends.tvm_schedule import schedule_pass
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                          nn.Conv2d(32, 8, 1)).eval()
+    x = torch.randn(1, 8, 32, 32)
+    target = tvm_lower.to_target("llvm")
+    mod = from_exported_program(torch.export.export(model, (x,)))
+    seq = tvm.transform.Sequential([*relax_passes(target)[:2], SparseDenseRewrite(target, mode="auto"),
+                                    FuseExpandDepthwise(target), PointwiseAsMatmul(target), fast_activations,
+                                    relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR()])
+    with target:
+        mod = schedule_pass(target)(seq(mod))
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert any("matmul" in n and "fast_exp" in n for n in names), names
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))
+    out = out if hasattr(out, "numpy") else out[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(out.numpy() - ref).max() <= 1e-4 * np.abs(ref).max()
