@@ -83,6 +83,7 @@ _EPILOGUE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "r
 # separate SiLU kernel; at 112x112 its 16->96 expansion with SiLU ran 0.75x the time of the two kernels
 _ACTIVATIONS = {"relax.nn.silu", "relax.sigmoid", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.tanh",
                 "relax.negative", "relax.exp", "relax.erf"}
+_SINKABLE = _EPILOGUE | _ACTIVATIONS
 
 
 @relax.expr_functor.mutator
@@ -131,15 +132,15 @@ class _Rewriter(relax.PyExprMutator):
         op = op_name(value)
         if op == "relax.matmul":
             return _tensor_const(value.args[0])
-        return op in _EPILOGUE | _ACTIVATIONS and any(self._from_matmul(a, depth - 1) for a in value.args
-                                                      if isinstance(a, relax.Var))
+        return op in _SINKABLE and any(self._from_matmul(a, depth - 1) for a in value.args
+                                       if isinstance(a, relax.Var))
 
     def _sink_reshape(self, call):
         """``op(reshape(y), c)`` as ``reshape(op(y, c'))``: the epilogue (bias, clip, residual add)
         then follows the matmul directly, and FuseOps fuses it into the matmul's kernel instead of
         leaving it a kernel of its own (the reshape, injective, stopped the fusion)."""
         op = op_name(call)
-        if op not in _EPILOGUE | _ACTIVATIONS:
+        if op not in _SINKABLE:
             return None
         split = [self._split(a) for a in call.args]
         at = [i for i, sp in enumerate(split) if sp is not None]
