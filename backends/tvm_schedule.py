@@ -14,7 +14,8 @@ fused kernel, with dlight's CPU rules as fallbacks:
   A matmul (one reduction axis, the vector operand indexed by plain loop variables) is tiled as
   a GEMM instead: parallel strips of ``2 x vec`` columns, each packing its operand slice
   contiguously (a short one is read in place) and sweeping all rows in ``gemm_rows`` x ``2 x vec``
-  register tiles; ragged column counts are zero-padded.  Pooling reads its input with a bounds check instead of a
+  register tiles; with a ragged column count the last strip overlaps the one before it
+  (tvm_schedule_overlap.py).  Pooling reads its input with a bounds check instead of a
   padding pass.  A depthwise convolution (no axis to reuse an operand across) is tiled
   over several output rows with its window unrolled, so the rows share input loads.
   The tilings themselves are in tvm_schedule_tiles.py, the layout rewrites before them in
@@ -39,6 +40,7 @@ from .tvm_schedule_gemv import gemv_operand, tile_gemv
 from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, plane_vectors, strided_read
 from .tvm_schedule_layout import reads_using as _reads_using
 from .tvm_schedule_layout import vars_in as _vars_in
+from .tvm_schedule_overlap import OverlapRefused, overlap_last_strip
 from .tvm_schedule_rows import RowReduction
 from .tvm_schedule_tiles import (TILE_SCOPE, _largest_divisor, _numel, packable_operand, tile_conv, tile_gemm,
                                  tile_window, vectorize_innermost)
@@ -134,6 +136,12 @@ class RegisterTiledReduction(dl.ScheduleRule):
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
+        try:
+            return self._apply(func, target, overlap=True)
+        except OverlapRefused:  # a ragged GEMM the overlapping strips cannot be proved safe for
+            return self._apply(func, target, overlap=False)
+
+    def _apply(self, func, target, overlap: bool):
         sch = s_tir.Schedule(func)
         if not _has_root(sch):  # a hand-written kernel (TVM's scan for cumsum): not a loop nest to tile
             return None
@@ -188,11 +196,16 @@ class RegisterTiledReduction(dl.ScheduleRule):
             return sch
         # 0. a matmul gets the GEMM tiling (its vector operand is packed per column strip)
         gemm = packable_operand(b, spatial, reduce, raxis, vec_reads)
-        width, padded = 2 * self.vec, False
-        if gemm is not None and ext[vaxis] > width and _largest_divisor(ext[vaxis], width) % self.vec:
-            # ragged columns (197 tokens; a pruned 80 or 48, whose best strips, 20 or 24, are not
-            # whole vectors): zero-pad them so the vector loop needs no guard, which would leave it
-            # scalar; the padded result is cropped by an element-wise pass
+        width, padded, ragged = 2 * self.vec, False, False
+        if gemm is not None and ext[vaxis] > width and _largest_divisor(ext[vaxis], width) % self.vec \
+                and overlap:
+            # ragged columns (a 14x14 or 7x7 plane, 197 tokens; a pruned 80 or 48, whose best strips,
+            # 20 or 24, are not whole vectors): whole-vector strips, the last one moved back to
+            # overlap the one before it (below), so no vector loop needs a guard
+            ragged = True
+        elif gemm is not None and ext[vaxis] > width and _largest_divisor(ext[vaxis], width) % self.vec:
+            # ... or, where that cannot be proved safe, zero-pad them so the vector loop needs no
+            # guard, which would leave it scalar; the padded result is cropped by an element-wise pass
             pads = [1] * len(b.iter_vars)
             pads[vaxis] = width
             try:
@@ -234,8 +247,9 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # write-back; it reads only the finished reduction output
         # 2. tile
         if gemm is not None:
-            tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm, self.vec, self.gemm_rows,
-                      padded=padded)
+            strips = tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm, self.vec,
+                               self.gemm_rows, padded=padded, ragged=ragged)
+            strip_var = sch.get(strips).loop_var
             if padded:
                 # each column strip's task zero-pads its operand as it packs it and crops its own
                 # columns: one parallel launch, not three (a 1x1 on a 7x7 plane as a matmul)
@@ -286,6 +300,8 @@ class RegisterTiledReduction(dl.ScheduleRule):
                     _parallel_vectorize(sch, blk, self.threads)
                 except Exception:  # noqa: BLE001
                     pass
+        if ragged:
+            return s_tir.Schedule(overlap_last_strip(sch.mod["main"], strip_var, width, ext[vaxis]))
         return sch
 
 def blk_is_root_level(sch, blk) -> bool:
@@ -313,6 +329,12 @@ class ParallelInjective(dl.ScheduleRule):
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
+        try:
+            return self._apply(func, target, overlap=True)
+        except OverlapRefused:  # a ragged GEMM the overlapping strips cannot be proved safe for
+            return self._apply(func, target, overlap=False)
+
+    def _apply(self, func, target, overlap: bool):
         sch = s_tir.Schedule(func)
         if not _has_root(sch):
             return None

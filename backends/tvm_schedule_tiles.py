@@ -78,17 +78,27 @@ def packable_operand(b, spatial, reduce, raxis, vec_reads):
 # pass.  Pruned MobileNetV2's 12- and 16-row products at 56x56 and 28x28 ran 0.70-0.76x the time
 # in place (isolated, 12x72x3136 to 24x144x3136: 1.17-1.45x faster; 64-256 rows: 0.97-1.02x)
 _IN_PLACE_STRIP_BYTES = 16 << 10
+# ... when its rows start on cache lines.  A 14x14 or 7x7 plane's rows (196, 49 floats) do not, so each
+# 16-lane row of the strip spans two lines, and a strip read in place by many row tiles lost to the
+# packed copy: 1024x256 @ 256x196 1.12x, 160x240 @ 240x49 1.17x the time; with few rows it still won
+# (32x192 @ 192x196 0.88x, 96x96 @ 96x196 0.91x).  Such a strip is read in place up to 8 KB, or by
+# up to 64 rows
+_IN_PLACE_SPLIT_LINE_BYTES = 8 << 10
+_IN_PLACE_SPLIT_LINE_ROWS = 64
+_LINE = 64
 
 
 def tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, operand, vec: int,
-              gemm_rows: int, padded: bool = False) -> None:
+              gemm_rows: int, padded: bool = False, ragged: bool = False):
     """GEMM: for each strip of ``2 x vec`` output columns (in parallel), pack the operand's strip
     contiguously, then sweep every row in register tiles of ``gemm_rows`` x ``2 x vec``.
     Packing keeps a long strip in L1 for all rows; without it 3072-wide weights thrash the cache
     (ViT-B's MLP ran at a third of the speed).  A short strip of an unpadded operand is read in
-    place (``_IN_PLACE_STRIP_BYTES``); a ``padded`` one is zero-padded as it is packed."""
+    place (``_IN_PLACE_STRIP_BYTES``); a ``padded`` one is zero-padded as it is packed.  With
+    ``ragged``, strips are ``2 x vec`` wide and the last one guarded, for the caller to overlap
+    (tvm_schedule_overlap.py).  Returns the strips' parallel loop."""
     width = 2 * vec
-    v = _largest_divisor(ext[vaxis], width)
+    v = width if ragged else _largest_divisor(ext[vaxis], width)
     if v < vec and ext[vaxis] > width:
         v = width  # ragged: the tail strip is guarded
     r = min(gemm_rows, ext[raxis])
@@ -104,14 +114,19 @@ def tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, opera
     if cache is not None:
         sch.reverse_compute_at(cache, par)
     src = sch.get(main).reads[operand].source
-    strip = ext[reduce[0]] * v * tvm.DataType(str(src.dtype)).bits // 8
+    size = tvm.DataType(str(src.dtype)).bits // 8
+    strip = ext[reduce[0]] * v * size
+    in_place = strip <= _IN_PLACE_STRIP_BYTES and (
+        int(src.shape[-1]) * size % _LINE == 0 or strip <= _IN_PLACE_SPLIT_LINE_BYTES
+        or ext[raxis] <= _IN_PLACE_SPLIT_LINE_ROWS)
     stages = [cache] if cache is not None else []
-    if padded or strip > _IN_PLACE_STRIP_BYTES:
+    if padded or not in_place:
         pack = sch.cache_read(main, operand, "global")
         sch.compute_at(pack, par)
         stages.append(pack)
     sch.decompose_reduction(main, ro)
     vectorize_innermost(sch, *stages)
+    return par
 
 # output rows from which a padded depthwise convolution runs whole channels per task, padding each in
 # its task: MobileNetV2's 112x112 one 1.3x faster (dense and pruned); its 14x14 ones 1.1-1.3x slower

@@ -50,11 +50,13 @@ def _schedule(func):
 
 @pytest.mark.parametrize("shape", [
     (1, 37, 24, 48, False),   # prime row count: a guarded tail register tile
-    (1, 5, 16, 37, False),    # ragged columns: zero-padded, then cropped
+    (1, 5, 16, 37, False),    # ragged columns: the last strip overlaps the one before it
     (3, 37, 8, 37, True),     # attention q @ k^T: per-batch right operand, both sides ragged
     (3, 37, 37, 8, True),     # attention p @ v
     (1, 1, 32, 64, False),    # one row
-    (1, 9, 16, 80, False),    # 80 columns: padded to whole vectors (its best strip, 20, is not)
+    (1, 9, 16, 80, False),    # 80 columns: whole-vector strips (its best divisor, 20, is not one)
+    (1, 24, 48, 196, False),  # a 1x1 on a 14x14 plane, as a matmul
+    (1, 40, 80, 49, False),   # ... on a 7x7 plane: a ragged row tile too
     (1, 12, 72, 64, False),   # a short strip, read in place (no packed copy)
     (1, 14, 600, 64, False),  # a long strip, packed
 ])
@@ -126,43 +128,12 @@ def test_one_row_matmul_takes_four_bands_per_core(cores, bands):
     assert band.kind == tirx.ForKind.PARALLEL and int(band.extent) == bands
 
 
-def test_gemm_columns_that_split_into_no_whole_vectors_are_padded():
-    """80 or 48 columns (pruned layers) split into strips of 20 or 24 lanes, which LLVM runs as a
-    vector and a masked remainder: padded to whole strips instead (a 480->80 pointwise layer as a
-    matmul ran 9x faster)."""
-    lanes = tvm_schedule.vector_lanes(tvm_lower.to_target("llvm"))
-    n = 5 * lanes  # 80 with AVX-512, 40 with AVX2: the largest divisor up to 2 x lanes is 2.5 lanes
-    blocks = {b.name_hint: b for b in _blocks(_schedule(_matmul_bias(1, 9, 16, n, False))[0])}
-    # the packed strips hold whole vectors: the operand is zero-padded as it is packed
-    assert int(blocks["w_pad_global"].writes[0].source.shape[-1]) % (2 * lanes) == 0, blocks.keys()
-
-
 @pytest.mark.parametrize("k,packed", [(72, False), (512, True)])
 def test_gemm_packs_only_a_strip_too_long_for_l1(k, packed):
     """An unpadded operand's strip of 72 rows (a pruned 1x1 at 56x56: 12 x 72 x 3136) is read in
     place; one of 512 rows (32 KB and more) is copied contiguously per strip first."""
     names = {b.name_hint for b in _blocks(_schedule(_matmul_bias(1, 12, k, 64, False))[0])}
     assert ("w_global" in names) == packed, names
-
-
-def test_gemm_schedule_packs_the_operand_and_writes_in_bounds():
-    func, _ = _schedule(_matmul_bias(3, 37, 8, 37, True))
-    blocks = _blocks(func)
-    names = {b.name_hint for b in blocks}
-    # 37 columns padded to a multiple of the vector width as each strip is packed ...
-    assert "w_pad_global" in names and "w_pad" not in names, names
-    # ... and padding, product and crop run in one parallel loop: one launch, not three
-    sch = s_tir.Schedule(func)
-    outer = {sch.get(sch.get_loops(b)[0]) for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    assert len(outer) == 1 and next(iter(outer)).kind == tirx.ForKind.PARALLEL, outer
-    for b in blocks:
-        for region in b.writes:
-            if region.source.name != "z":
-                continue
-            # every spatial domain of a block writing the output is the output's own extent:
-            # never the padded width (TVM once reverse-inlined the crop over 48 columns)
-            extents = sorted(int(iv.dom.extent) for iv in b.iter_vars)
-            assert extents == sorted(int(d) for d in region.source.shape), (b.name_hint, extents)
 
 
 class PrimeLengthAttention(nn.Module):
