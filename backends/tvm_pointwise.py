@@ -3,8 +3,8 @@
 A 1x1, stride-1 convolution is ``W[Co, Ci] @ X[N, Ci, H*W]``.  The CPU convolution schedule
 vectorizes along the output row; on a 7x7 or 14x14 plane the row (7, 14) and the plane (49,
 196) are no multiple of 8 or 16, so its vectors run partly empty.  As a matmul it gets the GEMM
-schedule instead: the plane padded to whole vector strips and packed, register tiles of output
-channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster, and with AVX2 on every
+schedule instead: whole-vector strips of the plane (the last one overlapping the one before it,
+tvm_schedule_overlap), register tiles of output channels; on ResNet-50's 7x7 and 14x14 layers that ran 1.3-1.8x faster, and with AVX2 on every
 14x14 1x1 of a pruned MobileNetV2 (1.08-1.45x; with AVX-512 only above a weight count).  A 28x28
 or 56x56 plane is whole vectors as one axis (784, 3136) but its rows are not (28, 56: padded to
 32 and 64 in the convolution schedule): as matmuls MobileNetV2 and ResNet-50 ran 1-4% faster, dense and
@@ -76,11 +76,11 @@ def _tensor_const(e) -> bool:
 # element-wise ops an epilogue is made of: they commute with the reshape back to [N, Co, H, W]
 _EPILOGUE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
              "relax.clip", "relax.nn.relu", "relax.nn.relu6", "relax.nn.leakyrelu"}
-# ... and activations that cost more than a few instructions per element: they join the matmul's kernel
-# only on a plane of whole vectors, whose epilogue runs in the register tiles' write-back.  A padded
-# plane (7x7, 14x14) runs its epilogue in the crop pass, in guarded 4-lane groups (the last strip is
-# partial): EfficientNet-B0's 672x112 SiLU layer at 14x14 took 1.18 ms there against 0.44 ms plus a
-# separate SiLU kernel; at 112x112 its 16->96 expansion with SiLU ran 0.75x the time of the two kernels
+# ... and activations that cost more than a few instructions per element: they join the matmul's kernel,
+# whose register tiles' write-back runs them in whole vectors (at 112x112 EfficientNet-B0's 16->96
+# expansion with SiLU ran 0.75x the time of the two kernels; with the 7x7 and 14x14 layers too, since
+# their strips overlap instead of being padded and cropped: the whole model 0.96x dense, 0.97x pruned).
+# Cropping a padded product ran them in guarded 4-lane groups, 1.08-1.16x slower than apart.
 _ACTIVATIONS = {"relax.nn.silu", "relax.sigmoid", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.tanh",
                 "relax.negative", "relax.exp", "relax.erf"}
 _SINKABLE = _EPILOGUE | _ACTIVATIONS
@@ -148,8 +148,6 @@ class _Rewriter(relax.PyExprMutator):
             return None
         shape = split[at[0]][1]
         n, co, h, w = shape
-        if op in _ACTIVATIONS and (h * w) % self.lanes:
-            return None
         args = []
         for i, a in enumerate(call.args):
             if split[i] is not None:  # a residual add of two products takes both unreshaped
