@@ -40,6 +40,7 @@ from .tvm_schedule_gemv import gemv_operand, tile_gemv
 from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, plane_vectors, strided_read
 from .tvm_schedule_layout import reads_using as _reads_using
 from .tvm_schedule_layout import vars_in as _vars_in
+from .tvm_pack_weights import PACKED_ROWS, mark_constant_params, pack_call_sites, pack_rows
 from .tvm_schedule_overlap import OverlapRefused, overlap_last_strip
 from .tvm_schedule_rows import RowReduction
 from .tvm_schedule_tiles import (TILE_SCOPE, _largest_divisor, _numel, packable_operand, tile_conv, tile_gemm,
@@ -300,9 +301,30 @@ class RegisterTiledReduction(dl.ScheduleRule):
                     _parallel_vectorize(sch, blk, self.threads)
                 except Exception:  # noqa: BLE001
                     pass
+        packed = None
+        if gemm is not None:
+            # the weights (constant) stored row-tile by row-tile: one stream per tile (tvm_pack_weights)
+            w_read = _row_operand(sch.get(main), raxis, reduce)
+            if w_read is not None:
+                packed = pack_rows(sch, main, sch.mod["main"], w_read, min(self.gemm_rows, ext[raxis]))
+        if not (ragged or packed):
+            return sch
+        out = sch.mod["main"] if not packed else sch.mod["main"].with_attr(PACKED_ROWS, packed)
         if ragged:
-            return s_tir.Schedule(overlap_last_strip(sch.mod["main"], strip_var, width, ext[vaxis]))
-        return sch
+            out = overlap_last_strip(out, strip_var, width, ext[vaxis])
+        return s_tir.Schedule(out)
+
+def _row_operand(b, raxis, reduce) -> int | None:
+    """Index in ``b.reads`` of a GEMM's row operand, read as ``W[i, k]`` (row, reduction)."""
+    if raxis is None or len(reduce) != 1:
+        return None
+    rv, kv = b.iter_vars[raxis].var, b.iter_vars[reduce[0]].var
+    for i, r in enumerate(b.reads):
+        mins = [rg.min for rg in r.region]
+        if len(mins) == 2 and mins[0].same_as(rv) and mins[1].same_as(kv):
+            return i
+    return None
+
 
 def blk_is_root_level(sch, blk) -> bool:
     loops = sch.get_loops(blk)
@@ -398,4 +420,5 @@ def schedule_module(mod: tvm.IRModule, target) -> tvm.IRModule:
     their work between threads are marked for ``tvm_balance`` (built with its TIR pipeline)."""
     from .tvm_balance import mark_module
     with target:
-        return mark_module(schedule_pass(target)(mod), target)
+        mod = schedule_pass(target)(mark_constant_params(mod))
+        return pack_call_sites(mark_module(mod, target))
