@@ -36,11 +36,11 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from .tvm_pack_weights import PACKED_ROWS, mark_constant_params, pack_call_sites, pack_rows
 from .tvm_schedule_gemv import gemv_operand, tile_gemv
 from .tvm_schedule_layout import deinterleave_strided, fuse_plane, inline_copy, plane_vectors, strided_read
 from .tvm_schedule_layout import reads_using as _reads_using
 from .tvm_schedule_layout import vars_in as _vars_in
-from .tvm_pack_weights import PACKED_ROWS, mark_constant_params, pack_call_sites, pack_rows
 from .tvm_schedule_overlap import OverlapRefused, overlap_last_strip
 from .tvm_schedule_rows import RowReduction
 from .tvm_schedule_tiles import (TILE_SCOPE, _largest_divisor, _numel, packable_operand, tile_conv, tile_gemm,
@@ -314,6 +314,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
             out = overlap_last_strip(out, strip_var, width, ext[vaxis])
         return s_tir.Schedule(out)
 
+
 def _row_operand(b, raxis, reduce) -> int | None:
     """Index in ``b.reads`` of a GEMM's row operand, read as ``W[i, k]`` (row, reduction)."""
     if raxis is None or len(reduce) != 1:
@@ -351,12 +352,6 @@ class ParallelInjective(dl.ScheduleRule):
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        try:
-            return self._apply(func, target, overlap=True)
-        except OverlapRefused:  # a ragged GEMM the overlapping strips cannot be proved safe for
-            return self._apply(func, target, overlap=False)
-
-    def _apply(self, func, target, overlap: bool):
         sch = s_tir.Schedule(func)
         if not _has_root(sch):
             return None
