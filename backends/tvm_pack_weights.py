@@ -27,8 +27,8 @@ CONSTANT_PARAMS = "prunec.constant_params"
 PACKED_ROWS = "prunec.packed_rows"
 
 
-def _calls(mod: tvm.IRModule):
-    """(call, callee GlobalVar) for every ``call_tir`` in the module's Relax functions."""
+def _calls(mod: tvm.IRModule, refs: dict | None = None) -> list:
+    """Every ``call_tir`` in the module's Relax functions; ``refs`` counts each GlobalVar's uses."""
     out = []
 
     @relax.expr_functor.visitor
@@ -38,6 +38,10 @@ def _calls(mod: tvm.IRModule):
                 out.append(call)
             super().visit_call_(call)
 
+        def visit_global_var_(self, gv):
+            if refs is not None:
+                refs[gv] = refs.get(gv, 0) + 1
+
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             _Visit().visit_expr(func)
@@ -45,17 +49,21 @@ def _calls(mod: tvm.IRModule):
 
 
 def mark_constant_params(mod: tvm.IRModule) -> tvm.IRModule:
-    """Annotate each kernel with the indices of the parameters every call site passes a constant for."""
+    """Annotate each kernel with the indices of the parameters every call site passes a constant for
+    (a kernel used other than by ``call_tir``, e.g. in place, gets none)."""
     mod = mod.clone()
     const: dict = {}
-    for call in _calls(mod):
+    calls: dict = {}
+    refs: dict = {}
+    for call in _calls(mod, refs):
         gv, args = call.args[0], list(call.args[1].fields)
         flags = [isinstance(a, tvm.ir.expr.Constant) for a in args]
         const[gv] = flags if gv not in const else [a and b for a, b in zip(const[gv], flags)]
+        calls[gv] = calls.get(gv, 0) + 1
     for gv, flags in const.items():
         func = mod[gv]
         idx = [i for i, f in enumerate(flags) if f]
-        if isinstance(func, tirx.PrimFunc) and idx:
+        if isinstance(func, tirx.PrimFunc) and idx and refs.get(gv) == calls[gv]:
             mod.update_func(gv, func.with_attr(CONSTANT_PARAMS, idx))
     return mod
 
