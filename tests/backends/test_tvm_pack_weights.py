@@ -131,3 +131,22 @@ def test_built_model_matches_torch(passes):
     packed = [gv.name_hint for gv, f in mod.functions.items()
               if isinstance(f, tirx.PrimFunc) and tvm_pack_weights.PACKED_ROWS in (f.attrs or {})]
     assert len(packed) == 3, packed
+
+
+def test_a_kernel_also_used_in_place_keeps_its_layout():
+    """A kernel referenced other than by ``call_tir`` (here ``call_tir_inplace``, with a weight that is
+    not a constant) is left out, even where its ``call_tir`` passes a constant."""
+    m, k, n = 96, 49, 49
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((k, n), "float32"))
+    w = relax.Var("w", relax.TensorType((m, k), "float32"))
+    with bb.function("main", [x, w]):
+        gv = bb.add_func(_matmul_kernel(m, k, n).with_attr("global_symbol", "gemm"), "gemm")
+        with bb.dataflow():
+            a = bb.emit(relax.call_tir(gv, (relax.const(np.ones((m, k), "float32")), x),
+                                       relax.TensorType((m, n), "float32")))
+            b = bb.emit(relax.call_tir_inplace(gv, (w, x), [0], relax.TensorType((m, n), "float32")))
+            out = bb.emit_output(relax.op.add(a, b))
+        bb.emit_func_output(out)
+    marked = tvm_pack_weights.mark_constant_params(bb.get())
+    assert tvm_pack_weights.CONSTANT_PARAMS not in (marked["gemm"].attrs or {}), marked["gemm"].attrs
