@@ -197,16 +197,15 @@ class RegisterTiledReduction(dl.ScheduleRule):
             return sch
         # 0. a matmul gets the GEMM tiling (its vector operand is packed per column strip)
         gemm = packable_operand(b, spatial, reduce, raxis, vec_reads)
-        width, padded, ragged = 2 * self.vec, False, False
-        if gemm is not None and ext[vaxis] > width and _largest_divisor(ext[vaxis], width) % self.vec \
-                and overlap:
-            # ragged columns (a 14x14 or 7x7 plane, 197 tokens; a pruned 80 or 48, whose best strips,
-            # 20 or 24, are not whole vectors): whole-vector strips, the last one moved back to
-            # overlap the one before it (below), so no vector loop needs a guard
-            ragged = True
-        elif gemm is not None and ext[vaxis] > width and _largest_divisor(ext[vaxis], width) % self.vec:
+        width, padded = 2 * self.vec, False
+        # ragged columns (a 14x14 or 7x7 plane, 197 tokens; a pruned 80 or 48, whose best strips,
+        # 20 or 24, are not whole vectors): whole-vector strips, the last one moved back to overlap
+        # the one before it (below), so no vector loop needs a guard ...
+        ragged = gemm is not None and ext[vaxis] > width and _largest_divisor(ext[vaxis], width) % self.vec > 0
+        if ragged and not overlap:
             # ... or, where that cannot be proved safe, zero-pad them so the vector loop needs no
             # guard, which would leave it scalar; the padded result is cropped by an element-wise pass
+            ragged = False
             pads = [1] * len(b.iter_vars)
             pads[vaxis] = width
             try:

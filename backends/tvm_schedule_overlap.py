@@ -22,27 +22,34 @@ class OverlapRefused(Exception):
     """The loop nest is not one the overlapping rewrite can prove safe; pad instead."""
 
 
+def _vars(expr) -> list:
+    return list(tirx.analysis.undefined_vars(expr))
+
+
 def _uses(expr, var) -> bool:
-    found = []
-    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda v: found.append(v) if v.same_as(var) else None)])
-    return bool(found)
+    return any(v.same_as(var) for v in _vars(expr))
 
 
-def _only_uses(expr, var) -> bool:
-    names = []
-    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda v: names.append(v))])
-    return bool(names) and all(v.same_as(var) for v in names)
+def _conjuncts(e) -> list:
+    return _conjuncts(e.a) + _conjuncts(e.b) if isinstance(e, tirx.And) else [e]
 
 
 def overlap_last_strip(func: tirx.PrimFunc, strip, width: int, columns: int) -> tirx.PrimFunc:
     """``func`` with the strips of the parallel loop variable ``strip`` (``width`` columns each, the
-    last one ragged) overlapping instead, so none reaches past ``columns``."""
+    last one ragged) overlapping instead, so none reaches past ``columns``.  Each rewritten binding
+    must provably stay inside its block's domain (loop variables over their ranges) and each guard on
+    ``strip`` must be provably true, and is then dropped; other guards (a ragged row tile's) stay."""
     if columns <= width:
         raise OverlapRefused(f"{columns} columns do not fill a strip of {width}")
     last = tirx.IntImm(str(strip.ty), columns - width)
+    ana = sym.Analyzer()
+    tvm_ffi.structural_walk(func.body, [(tirx.For, lambda lp: ana.bind(
+        lp.loop_var, tvm.ir.Range.from_min_extent(lp.min, lp.extent)))])
+    problems = []
 
     def start(e):  # a strip's first column: ``strip * width`` (or ``strip % n * width`` when fused)
-        if isinstance(e, tirx.Mul) and isinstance(e.b, tirx.IntImm) and int(e.b) == width and _only_uses(e.a, strip):
+        vs = _vars(e.a)
+        if isinstance(e.b, tirx.IntImm) and int(e.b) == width and vs and all(v.same_as(strip) for v in vs):
             return tirx.Min(e, last)
         return e
 
@@ -50,37 +57,12 @@ def overlap_last_strip(func: tirx.PrimFunc, strip, width: int, columns: int) -> 
         if not any(_uses(v, strip) for v in r.iter_values) and not _uses(r.predicate, strip):
             return r
         values = [tvm_ffi.structural_map(v, [(tirx.Mul, start)]) for v in r.iter_values]
-        pred = tvm_ffi.structural_map(r.predicate, [(tirx.Mul, start)])
-        return s_tir.SBlockRealize(values, pred, r.block)
-
-    body = tvm_ffi.structural_map(func.body, [(s_tir.SBlockRealize, realize)])
-    return func.with_body(_proved_in_bounds(body, strip))
-
-
-def _conjuncts(e) -> list:
-    return _conjuncts(e.a) + _conjuncts(e.b) if isinstance(e, tirx.And) else [e]
-
-
-def _proved_in_bounds(body, strip):
-    """``body`` with the guards on ``strip`` dropped, after proving each one true and every binding
-    that uses ``strip`` inside its block's domain (loop variables over their ranges); other guards
-    (a ragged row tile's) stay."""
-    ana = sym.Analyzer()
-    tvm_ffi.structural_walk(body, [(tirx.For, lambda lp: ana.bind(lp.loop_var, tvm.ir.Range.from_min_extent(
-        lp.min, lp.extent)))])
-    problems = []
-
-    def check(r):
-        if not any(_uses(v, strip) for v in r.iter_values) and not _uses(r.predicate, strip):
-            return r
-        for v, iv in zip(r.iter_values, r.block.iter_vars):
-            if not _uses(v, strip):
-                continue  # a ragged row tile's binding: its own guard stays
+        for v, iv in zip(values, r.block.iter_vars):
             lo, hi = iv.dom.min, iv.dom.min + iv.dom.extent
-            if not (ana.can_prove(v >= lo) and ana.can_prove(v < hi)):
+            if _uses(v, strip) and not (ana.can_prove(v >= lo) and ana.can_prove(v < hi)):
                 problems.append(f"{iv.var.name} = {v} may leave [{lo}, {hi})")
         kept = []
-        for c in _conjuncts(r.predicate):
+        for c in _conjuncts(tvm_ffi.structural_map(r.predicate, [(tirx.Mul, start)])):
             if not _uses(c, strip):
                 kept.append(c)
             elif not ana.can_prove(c):
@@ -88,10 +70,9 @@ def _proved_in_bounds(body, strip):
         pred = kept[0] if kept else tirx.const(True, "bool")
         for c in kept[1:]:
             pred = tirx.And(pred, c)
-        return s_tir.SBlockRealize(r.iter_values, pred, r.block)
+        return s_tir.SBlockRealize(values, pred, r.block)
 
-    out = tvm_ffi.structural_map(body, [(s_tir.SBlockRealize, check)])
+    body = tvm_ffi.structural_map(func.body, [(s_tir.SBlockRealize, realize)])
     if problems:
         raise OverlapRefused("; ".join(problems))
-    return out
-
+    return func.with_body(body)

@@ -99,8 +99,6 @@ def tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, opera
     (tvm_schedule_overlap.py).  Returns the strips' parallel loop."""
     width = 2 * vec
     v = width if ragged else _largest_divisor(ext[vaxis], width)
-    if v < vec and ext[vaxis] > width:
-        v = width  # ragged: the tail strip is guarded
     r = min(gemm_rows, ext[raxis])
     vo, vi = sch.split(loops[vaxis], [None, v])
     ro, ri = sch.split(loops[raxis], [None, r])

@@ -51,6 +51,7 @@ def _run(func, target, batch, m, k, n, batched):
     (1, 24, 48, 196, False),  # a 1x1 on a 14x14 plane as a matmul: 13 strips of 16 (AVX2)
     (1, 40, 80, 49, False),   # on a 7x7 plane: 4 strips, the last one columns 33-48 (AVX2)
     (3, 37, 8, 37, True),     # attention scores, 37 tokens: strips fused with the batch
+    (1, 9, 16, 40, False),    # a pruned 80 -> 40: its best divisor (20) is no whole vector, with 8 or 16 lanes
 ])
 def test_ragged_columns_overlap_the_last_strip_unguarded(shape):
     batch, m, k, n, batched = shape
