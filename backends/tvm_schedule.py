@@ -246,6 +246,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # the last block alone (e.g. a broadcast SE gate) stays its own loop nest after the
                 # write-back; it reads only the finished reduction output
         # 2. tile
+        overlap_cols = None
         if gemm is not None:
             strips = tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm, self.vec,
                                self.gemm_rows, padded=padded, ragged=ragged)
@@ -267,7 +268,11 @@ class RegisterTiledReduction(dl.ScheduleRule):
             # a stride-2 depthwise convolution reads its padded input phase-split too (MobileNetV2's
             # 96-channel one at 112x112: 1.55x; the pad stage then does the strided read, once)
             deinterleave_strided(sch, main, pro, b.iter_vars[vaxis].var)
-            if tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis, self.vec, padded=bool(pro)):
+            whole, overlap_cols = tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis, self.vec,
+                                              padded=bool(pro), overlap=overlap)
+            if overlap_cols is not None:
+                strip_var, width = sch.get(overlap_cols).loop_var, self.vec
+            if whole:
                 # whole channels per task: pad each channel inside its task, in cache, instead of
                 # in a separate parallel pass over all of them (one parallel launch, not two)
                 par = sch.get_loops(main)[0]
@@ -306,10 +311,10 @@ class RegisterTiledReduction(dl.ScheduleRule):
             w_read = _row_operand(sch.get(main), raxis, reduce)
             if w_read is not None:
                 packed = pack_rows(sch, main, sch.mod["main"], w_read, min(self.gemm_rows, ext[raxis]))
-        if not (ragged or packed):
+        if not (ragged or packed or overlap_cols is not None):
             return sch
         out = sch.mod["main"] if not packed else sch.mod["main"].with_attr(PACKED_ROWS, packed)
-        if ragged:
+        if ragged or overlap_cols is not None:
             out = overlap_last_strip(out, strip_var, width, ext[vaxis])
         return s_tir.Schedule(out)
 

@@ -27,7 +27,8 @@ import torch
 def _flops(shapes: list[tuple]) -> float:
     """2 x MACs of a conv (x, w, ..., out) or matmul (a[.., K], b[.., K, N], ..., out) kernel; 0 for
     others.  PointwiseAsMatmul's products are ``W[Co, Ci] @ x[1, Ci, HW]``; FuseExpandDepthwise's
-    kernels take ``(x[N, Ci, HW], w1[C, Ci, 1, 1], w2[C, 1, k, k], ..., out)``."""
+    kernels take ``(x[N, Ci, HW], w1[C, Ci, 1, 1], w2[C, 1, k, k], ..., out)``; a weight packed row tile
+    by row tile (tvm_pack_weights) arrives as ``Wp[ceil(Co / 6), Ci, 6]``."""
     if len(shapes) >= 4 and len(shapes[0]) == 3 and len(shapes[1]) == 4 and len(shapes[2]) == 4 \
             and shapes[2][1] == 1:
         n, ci, hw = shapes[0]
@@ -36,6 +37,8 @@ def _flops(shapes: list[tuple]) -> float:
         return 2.0 * np.prod(shapes[-1]) * np.prod(shapes[1][1:])
     if len(shapes) >= 3 and len(shapes[1]) in (2, 3) and len(shapes[0]) >= 2 and shapes[0][-1] == shapes[1][-2]:
         return 2.0 * np.prod(shapes[-1]) * shapes[0][-1]
+    if len(shapes) >= 3 and len(shapes[0]) == 3 and len(shapes[1]) == 3 and shapes[0][1] == shapes[1][1]:
+        return 2.0 * np.prod(shapes[-1]) * shapes[0][1]  # row-tile packed weight Wp[M/6, K, 6] @ x[1, K, N]
     return 0.0
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 tvm = pytest.importorskip("tvm")
 
-from tvm import relax, s_tir  # noqa: E402
+import tvm_ffi  # noqa: E402
+from tvm import relax, s_tir, tirx  # noqa: E402
 
 from prunec.backends import tvm_lower, tvm_schedule  # noqa: E402
 from prunec.backends.tvm_backend import lower  # noqa: E402
@@ -144,9 +145,35 @@ def test_fused_kernel_matches_torch(shape, lanes):
     ref = torch.relu(torch.nn.functional.conv2d(e, t(w2), stride=stride, padding=k // 2, groups=c)
                      + t(b2)[:, None, None]).numpy()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), _TARGET)
-    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, "float32"))  # every output written
     lib["main"](*[tvm.runtime.tensor(a) for a in (x.reshape(n, ci, h * w), w1, w2, *consts)], out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w,stride", [(56, 2), (28, 1), (57, 2)])  # 28, 28 and 29 output columns
+def test_a_ragged_output_row_runs_in_whole_vectors(w, stride):
+    """An output row no vector width divides is tiled in whole 8-lane vectors, the last one moved
+    back to end at the row's end (tvm_schedule_overlap), not in 14-lane (8 + 4 + 2) ones."""
+    func, _ = fused_kernel(1, 8, 24, w, w, 3, stride, [("clip", (0.0, 6.0))], [("clip", (0.0, 6.0))])
+    func = schedule_fused(func, 8)
+    vectors, mins = {}, {}
+
+    def visit(r):
+        name = r.block.name_hint
+        if name.startswith("depthwise"):
+            mins[name] = any(_has_min(v) for v in r.iter_values)
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlockRealize, visit)])
+    script = func.script()
+    for blk in ("depthwise_init", "depthwise_update", "depthwise_global"):
+        assert mins.get(blk), (blk, mins)
+        body = script[script.index(f'T.sblock("{blk}")') - 120:script.index(f'T.sblock("{blk}")')]
+        assert "T.vectorized(8)" in body, body
+
+
+def _has_min(expr) -> bool:
+    found = []
+    tvm_ffi.structural_walk(expr, [(tirx.Min, found.append)])
+    return bool(found)
 
 
 def test_the_padding_is_a_zero_fill_and_an_interior_without_bounds_tests():

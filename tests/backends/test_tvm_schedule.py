@@ -383,3 +383,41 @@ def test_tile_order_moves_the_fewest_bytes(shape, columns_first):
     if columns_first:  # and the reordered schedule computes the same
         sched, target = _schedule(func)
         _run_pointwise(sched, target, cin, cout, h, w)
+
+
+@pytest.mark.parametrize("shape,per_tile", [
+    ((1, 24, 48, 196), True),   # 24 rows: four whole 6-row tiles
+    ((1, 36, 16, 49), True),
+    ((1, 37, 24, 48), False),   # a ragged last row tile: the strip is written back after all its rows
+])
+def test_gemm_writes_each_register_tile_back_after_its_reduction(shape, per_tile):
+    """The epilogue (here the bias) is applied and stored right after each register tile's
+    reduction, so the tile's accumulators never go through memory; with a guarded last row tile the
+    strip's rows are written back together after the sweep."""
+    batch, m, k, n = shape
+    func, target = _schedule(_matmul_bias(batch, m, k, n, False))
+    sch = s_tir.Schedule(func)
+    writeback = [b for b in _all_blocks(sch) if any(w.source.name == "z" for w in sch.get(b).writes)]
+    assert len(writeback) == 1
+    loops = [sch.get(lp) for lp in sch.get_loops(writeback[0])]
+    rows = int(loops[-2].extent)
+    assert rows == (6 if per_tile else m), [int(lp.extent) for lp in loops]
+    assert loops[-1].kind == tirx.ForKind.VECTORIZED
+    x = np.random.default_rng(1).standard_normal((batch, m, k)).astype("float32")
+    w = np.random.default_rng(2).standard_normal((k, n)).astype("float32")
+    bias = np.random.default_rng(3).standard_normal(n).astype("float32")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.full((batch, m, n), np.nan, "float32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(bias), out)
+    np.testing.assert_allclose(out.numpy(), np.matmul(x, w) + bias, rtol=1e-5, atol=1e-4)
+
+
+def _all_blocks(sch) -> list:
+    out = []
+
+    def walk(blk):
+        for child in sch.get_child_blocks(blk):
+            out.append(child)
+            walk(child)
+    walk(sch.get_sblock("root"))
+    return out

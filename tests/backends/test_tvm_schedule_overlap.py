@@ -1,6 +1,7 @@
 """Ragged GEMM columns (backends/tvm_schedule_overlap.py): whole-vector strips, the last one moved
 back to overlap the one before it, with no guard left; where that cannot be proved safe, the
-operand is zero-padded and the result cropped instead."""
+operand is zero-padded and the result cropped instead.  Depthwise rows no vector width divides
+(14, 28 columns) the same way, one vector per column tile."""
 from __future__ import annotations
 
 import os
@@ -8,16 +9,17 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 tvm = pytest.importorskip("tvm")
 
 import tvm_ffi  # noqa: E402
 from tvm import s_tir, tirx  # noqa: E402
 
-from prunec.backends import tvm_schedule, tvm_schedule_overlap  # noqa: E402
+from prunec.backends import tvm_lower, tvm_schedule, tvm_schedule_overlap  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_tvm_schedule import _blocks, _matmul_bias, _schedule  # noqa: E402
+from test_tvm_schedule import _blocks, _depthwise, _matmul_bias, _schedule  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -125,3 +127,42 @@ def _has_min(expr) -> bool:
     found = []
     tvm_ffi.structural_walk(expr, [(tirx.Min, found.append)])
     return bool(found)
+
+
+@pytest.mark.parametrize("shape", [
+    (3, 14, 14, 3, 1),   # MobileNetV2's 14x14 depthwise: two vectors of 8 (AVX2), columns 0-7 and 6-13
+    (4, 28, 28, 3, 1),   # four vectors, the last one columns 20-27
+    (5, 13, 13, 3, 1),   # odd rows and columns
+    (2, 40, 40, 5, 2),   # stride 2: 20 columns
+])
+def test_ragged_depthwise_rows_are_whole_vectors(shape):
+    """A depthwise row no vector width divides runs in whole vectors, the last one clamped to end
+    at the row's end, with no guard: not in divisor-wide vectors (14 lanes: 8 + 4 + 2 on AVX2)."""
+    c, h, w, k, stride = shape
+    lanes = 8  # AVX2's fp32 vector (8-lane code runs on AVX-512 hosts too)
+    target = tvm_lower.to_target("llvm")
+    with target:
+        func = tvm_schedule.RegisterTiledReduction(vec=lanes).apply(_depthwise(c, h, w, k, stride), target, False)
+    func = func.mod["main"]
+    width = (w + 2 * (k // 2) - k) // stride + 1
+    vectors = []
+    tvm_ffi.structural_walk(func.body, [(tirx.For, lambda lp: vectors.append(int(lp.extent))
+                                         if lp.kind == tirx.ForKind.VECTORIZED else None)])
+    conv = [r for r in _realizes(func) if r.block.name_hint in ("y", "y_init", "y_global")]
+    assert conv and all(_has_min(v) for r in conv for v in r.iter_values[-1:]), [r.iter_values for r in conv]
+    assert all(_true(r.predicate) for r in conv), [r.predicate for r in conv]
+    assert lanes in vectors and not any(v % lanes and v < width for v in vectors), vectors
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, c, h, w)).astype("float32")
+    wt = rng.standard_normal((c, 1, k, k)).astype("float32")
+    bias = rng.standard_normal(c).astype("float32")
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(bias),
+                                                stride=stride, padding=k // 2, groups=c)).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, "float32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), tvm.runtime.tensor(bias), out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)  # every column written
+
+
+def _true(pred) -> bool:
+    return isinstance(pred, tirx.IntImm) and bool(pred.value)
