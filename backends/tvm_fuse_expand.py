@@ -209,7 +209,13 @@ def schedule_fused(func, lanes: int, overlap: bool = True):
     vectorize_innermost(sch, init, acc)  # scalar where no vector width divides the row (29 with 8 lanes)
     # ... then splits into zeros over the plane and the interior through the chain
     fill = sch.decompose_padding(pad, sch.get_loops(pad)[1])
-    vectorize_innermost(sch, fill, pad)
+    # a phase-split interior reads the 1x1's row with a stride (2): TVM's vector of such a read is
+    # built lane by lane; left scalar, LLVM vectorizes it with wide loads and shuffles, which pays on
+    # long rows (MobileNetV2's 112- and 56-wide planes: the kernels 0.87-0.92x the time; its 28-wide
+    # one, 14 lanes per phase, ran 1.1-1.2x slower that way)
+    phases = int(sch.get(pad).writes[0].source.shape[3])
+    long_strided = phases > 1 and int(sch.get(sch.get_loops(pad)[-1]).extent) >= 3 * lanes
+    vectorize_innermost(sch, fill, *([] if long_strided else [pad]))
     # the 1x1: [task, channel, plane, input channel] -> plane tile, input channel, channel
     # (unrolled), plane lanes (vector); accumulators in registers per plane tile.  Along the flat
     # plane the vectors are whole where a row's are not (56 = 3.5 x 16: 28-lane accumulators

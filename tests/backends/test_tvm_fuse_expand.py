@@ -150,6 +150,25 @@ def test_fused_kernel_matches_torch(shape, lanes):
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("w,vectorized", [(112, False), (56, False), (28, True)])
+def test_a_long_strided_interior_is_left_to_llvm(w, vectorized):
+    """The phase-split interior reads the 1x1's row with stride 2.  TVM builds such a vector lane by
+    lane, so on rows of 24 or more lanes per phase (8-lane vectors) the loop is left scalar for
+    LLVM's vectorizer (wide loads and shuffles); shorter ones stay TVM vectors."""
+    func, _ = fused_kernel(1, 8, 24, w, w, 3, 2, [("clip", (0.0, 6.0))], [("clip", (0.0, 6.0))])
+    func = schedule_fused(func, 8)
+    kinds = {}
+
+    def visit(lp):
+        body = lp.body
+        while isinstance(body, tirx.For):
+            body = body.body
+        if isinstance(body, s_tir.SBlockRealize) and body.block.name_hint == "expand_pad":
+            kinds[int(lp.extent)] = lp.kind
+    tvm_ffi.structural_walk(func.body, [(tirx.For, visit)])
+    assert kinds.get(w // 2) == (tirx.ForKind.VECTORIZED if vectorized else tirx.ForKind.SERIAL), kinds
+
+
 @pytest.mark.parametrize("w,stride", [(56, 2), (28, 1), (57, 2)])  # 28, 28 and 29 output columns
 def test_a_ragged_output_row_runs_in_whole_vectors(w, stride):
     """An output row no vector width divides is tiled in whole 8-lane vectors, the last one moved
