@@ -211,8 +211,8 @@ def schedule_fused(func, lanes: int, overlap: bool = True):
     fill = sch.decompose_padding(pad, sch.get_loops(pad)[1])
     # a phase-split interior reads the 1x1's row with a stride (2): TVM's vector of such a read is
     # built lane by lane; left scalar, LLVM vectorizes it with wide loads and shuffles, which pays on
-    # long rows (MobileNetV2's 112- and 56-wide planes: the kernels 0.87-0.92x the time; its 28-wide
-    # one, 14 lanes per phase, ran 1.1-1.2x slower that way)
+    # long rows (MobileNetV2's 112x112 block 0.84x pruned, 0.90x dense, its 56-wide one 0.98-1.00x; the
+    # 28-wide one, 14 lanes per phase, ran 1.1-1.2x slower that way)
     phases = int(sch.get(pad).writes[0].source.shape[3])
     long_strided = phases > 1 and int(sch.get(sch.get_loops(pad)[-1]).extent) >= 3 * lanes
     vectorize_innermost(sch, fill, *([] if long_strided else [pad]))

@@ -233,7 +233,7 @@ def _columns_first(b, ext, spatial, vaxis, raxis, v, r) -> bool:
 
 
 def _register_tile(sch, main, cache, loops, spatial, reduce, vaxis, v, raxis, r, serial_columns=False,
-                   unroll_window=False, columns_first=False, rows_per_task=False) -> None:
+                   unroll_window=False, columns_first=False, rows_per_task=False):
     """Tile the output into ``r`` (along ``raxis``) x ``v`` (vector lanes along ``vaxis``) accumulators
     kept over the whole reduction, outer tiles in parallel; the accumulator is written back (with the
     inlined epilogue) per tile, or with ``serial_columns`` per column tile inside a parallel row.

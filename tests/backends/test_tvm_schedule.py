@@ -207,6 +207,13 @@ def test_depthwise_schedule_matches_torch(shape):
     if stride == 2 and (w + 2 * (k // 2)) % 2 == 0:
         # a strided window reads its padded input phase-split: contiguous lanes, not a gather
         assert len(sch.get(pad[0]).writes[0].source.shape) == 5, sch.get(pad[0]).writes[0].source.shape
+    check_depthwise(func, target, shape)
+
+
+def check_depthwise(func, target, shape) -> None:
+    """The scheduled ``_depthwise`` kernel against torch, its output NaN-filled first (so every
+    element must be written)."""
+    c, h, w, k, stride = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, c, h, w)).astype("float32")
     wt = rng.standard_normal((c, 1, k, k)).astype("float32")
@@ -214,7 +221,7 @@ def test_depthwise_schedule_matches_torch(shape):
     ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(bias),
                                                 stride=stride, padding=k // 2, groups=c)).numpy()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"))
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, "float32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), tvm.runtime.tensor(bias), out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
 
