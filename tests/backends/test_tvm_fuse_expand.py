@@ -175,7 +175,7 @@ def test_a_ragged_output_row_runs_in_whole_vectors(w, stride):
     back to end at the row's end (tvm_schedule_overlap), not in 14-lane (8 + 4 + 2) ones."""
     func, _ = fused_kernel(1, 8, 24, w, w, 3, stride, [("clip", (0.0, 6.0))], [("clip", (0.0, 6.0))])
     func = schedule_fused(func, 8)
-    vectors, mins = {}, {}
+    mins = {}
 
     def visit(r):
         name = r.block.name_hint

@@ -394,7 +394,7 @@ def test_tile_order_moves_the_fewest_bytes(shape, columns_first):
 
 @pytest.mark.parametrize("shape,per_tile", [
     ((1, 24, 48, 196), True),   # 24 rows: four whole 6-row tiles
-    ((1, 36, 16, 49), True),
+    ((1, 36, 16, 49), True),    # a 7x7 plane's 49 columns: overlapping strips, written back per tile
     ((1, 37, 24, 48), False),   # a ragged last row tile: the strip is written back after all its rows
 ])
 def test_gemm_writes_each_register_tile_back_after_its_reduction(shape, per_tile):
