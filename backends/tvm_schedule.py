@@ -246,11 +246,12 @@ class RegisterTiledReduction(dl.ScheduleRule):
                 # the last block alone (e.g. a broadcast SE gate) stays its own loop nest after the
                 # write-back; it reads only the finished reduction output
         # 2. tile
-        overlap_cols = None
+        overlaps = None  # (loop variable, vector width) whose ragged last tile overlap_last_strip moves back
         if gemm is not None:
             strips = tile_gemm(sch, main, cache, loops, ext, spatial, reduce, vaxis, raxis, gemm, self.vec,
                                self.gemm_rows, padded=padded, ragged=ragged)
-            strip_var = sch.get(strips).loop_var
+            if ragged:
+                overlaps = (sch.get(strips).loop_var, width)
             if padded:
                 # each column strip's task zero-pads its operand as it packs it and crops its own
                 # columns: one parallel launch, not three (a 1x1 on a 7x7 plane as a matmul)
@@ -271,7 +272,7 @@ class RegisterTiledReduction(dl.ScheduleRule):
             whole, overlap_cols = tile_window(sch, main, cache, loops, ext, spatial, reduce, vaxis, self.vec,
                                               padded=bool(pro), overlap=overlap)
             if overlap_cols is not None:
-                strip_var, width = sch.get(overlap_cols).loop_var, self.vec
+                overlaps = (sch.get(overlap_cols).loop_var, self.vec)
             if whole:
                 # whole channels per task: pad each channel inside its task, in cache, instead of
                 # in a separate parallel pass over all of them (one parallel launch, not two)
@@ -311,11 +312,11 @@ class RegisterTiledReduction(dl.ScheduleRule):
             w_read = _row_operand(sch.get(main), raxis, reduce)
             if w_read is not None:
                 packed = pack_rows(sch, main, sch.mod["main"], w_read, min(self.gemm_rows, ext[raxis]))
-        if not (ragged or packed or overlap_cols is not None):
+        if not (packed or overlaps):
             return sch
         out = sch.mod["main"] if not packed else sch.mod["main"].with_attr(PACKED_ROWS, packed)
-        if ragged or overlap_cols is not None:
-            out = overlap_last_strip(out, strip_var, width, ext[vaxis])
+        if overlaps:
+            out = overlap_last_strip(out, *overlaps, ext[vaxis])
         return s_tir.Schedule(out)
 
 
